@@ -1,0 +1,1 @@
+"""Flower ClientApp component of mosaic-flwr."""

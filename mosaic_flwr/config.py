@@ -1,0 +1,246 @@
+"""One typed, validated run configuration, built from Flower's run config.
+
+Every key of ``[tool.flwr.app.config]`` in ``pyproject.toml`` is a field of
+:class:`RunConfig` (hyphens in keys, underscores in fields). Values come, from
+lowest to highest precedence, from the dataclass defaults (mirrored in
+``pyproject.toml``), a YAML preset named by the ``preset`` key, and the values a
+user passes explicitly with ``flwr run --run-config``.
+
+Code below this module never reads raw dictionaries: it receives a
+``RunConfig``, which has been validated before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+#: Folder of the named experiment presets shipped with the app.
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A run-config value that is not allowed; the message names key, value and rule."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"invalid run config: {key}={value!r}: {allowed}")
+
+
+@dataclass(frozen=True)
+class RunConfig:  # pylint: disable=too-many-instance-attributes
+    """All settings of one run. Field ``dirichlet_alpha`` is run-config key ``dirichlet-alpha``."""
+
+    preset: str = ""
+    strategy: str = "fedavg"
+    dataset: str = "digits"
+    data_path: str = ""
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    min_partition_size: int = 10
+    classes_per_client: int = 2
+    num_clients: int = 10
+    min_clients: int = 2
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    num_server_rounds: int = 10
+    local_epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    proximal_mu: float = 0.01
+    model: str = "cnn"
+    model_width: float = 1.0
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 1
+    amp: bool = True
+    round_timeout: float = 600.0
+    node_wait_timeout: float = 120.0
+    output_dir: str = ""
+    run_name: str = ""
+    wandb: bool = False
+    wandb_project: str = "mosaic-flwr"
+    wandb_mode: str = ""
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Run-config keys, in declaration order."""
+        return [_key(f.name) for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, ignore_unknown: bool = False) -> "RunConfig":
+        """Build and validate a config from run-config keys (unknown keys are errors)."""
+        kwargs: dict[str, Any] = {}
+        by_key = {_key(f.name): f for f in fields(cls)}
+        for key, value in values.items():
+            field = by_key.get(key)
+            if field is None:
+                if ignore_unknown:
+                    continue
+                raise ConfigError(key, value, f"unknown key; known keys: {', '.join(by_key)}")
+            kwargs[field.name] = _coerce(key, value, field.default)
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The config as run-config keys and plain values (fits a Flower ConfigRecord)."""
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A validated copy with some fields changed."""
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:  # pylint: disable=too-many-branches
+        """Raise :class:`ConfigError` for the first value that is not allowed."""
+        # Imported here: the registries import this module for the type.
+        from .data.datasets import DATASETS  # pylint: disable=import-outside-toplevel
+        from .data.partition import PARTITIONERS  # pylint: disable=import-outside-toplevel
+        from .models import MODELS  # pylint: disable=import-outside-toplevel
+        from .strategies import STRATEGIES  # pylint: disable=import-outside-toplevel
+
+        _one_of("strategy", self.strategy, STRATEGIES)
+        _one_of("dataset", self.dataset, DATASETS)
+        _one_of("partitioner", self.partitioner, PARTITIONERS)
+        _one_of("model", self.model, MODELS)
+        _one_of("wandb-mode", self.wandb_mode, WANDB_MODES)
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise ConfigError("device", self.device, "must be one of auto, cpu, cuda, cuda:N")
+        _positive("dirichlet-alpha", self.dirichlet_alpha)
+        _positive("learning-rate", self.learning_rate)
+        _positive("model-width", self.model_width)
+        _positive("round-timeout", self.round_timeout)
+        _positive("node-wait-timeout", self.node_wait_timeout)
+        for key in ("num-clients", "num-server-rounds", "local-epochs", "batch-size",
+                    "classes-per-client", "num-threads", "min-clients"):
+            if getattr(self, _field(key)) < 1:
+                raise ConfigError(key, getattr(self, _field(key)), "must be an integer >= 1")
+        if self.min_partition_size < 0:
+            raise ConfigError("min-partition-size", self.min_partition_size, "must be >= 0")
+        if self.min_clients > self.num_clients:
+            raise ConfigError("min-clients", self.min_clients,
+                              f"must be <= num-clients ({self.num_clients})")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError("fraction-train", self.fraction_train, "must be in (0, 1]")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
+        if math.ceil(self.fraction_train * self.num_clients) < self.min_clients:
+            raise ConfigError("fraction-train", self.fraction_train,
+                              f"samples fewer clients than min-clients ({self.min_clients})")
+        for key in ("momentum", "weight-decay", "proximal-mu"):
+            if getattr(self, _field(key)) < 0:
+                raise ConfigError(key, getattr(self, _field(key)), "must be >= 0")
+        if self.output_dir and not Path(self.output_dir).is_absolute():
+            raise ConfigError("output-dir", self.output_dir,
+                              "must be an absolute path (the SuperLink's working "
+                              "directory is not yours), or empty for the default")
+        if "/" in self.run_name or self.run_name in (".", ".."):
+            raise ConfigError("run-name", self.run_name, "must be a plain folder name")
+
+
+def resolve_run_config(
+    run_config: Mapping[str, Any], explicit: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """Merge app defaults, the named preset and explicit overrides; validate.
+
+    ``run_config`` is Flower's fused run config (``context.run_config``: app
+    defaults with overrides applied). ``explicit`` holds the values the user
+    passed with ``--run-config`` (``grid.run.override_config``); they win over
+    the preset. Without it, every value that differs from the app default counts
+    as explicit.
+    """
+    defaults = RunConfig().to_mapping()
+    if explicit is None:
+        explicit = {k: v for k, v in run_config.items() if defaults.get(k) != v}
+    merged = dict(run_config)
+    preset_name = str(explicit.get("preset", run_config.get("preset", "")))
+    if preset_name:
+        merged.update(load_preset(preset_name))
+        merged["preset"] = preset_name
+    merged.update(explicit)
+    return RunConfig.from_mapping(merged)
+
+
+def preset_path(name: str) -> Path:
+    """Where preset ``name`` lives: a path to a YAML file, or a name in ``configs/``."""
+    candidate = Path(name).expanduser()
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_absolute():
+        return candidate
+    return PRESETS_DIR / f"{name}.yaml"
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in ``configs/``."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """Read a preset's run-config values; unknown keys are errors."""
+    path = preset_path(name)
+    if not path.is_file():
+        raise ConfigError("preset", name,
+                          f"no such preset file {path}; shipped presets: "
+                          f"{', '.join(available_presets()) or 'none'}")
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ConfigError("preset", name, f"{path} must hold a mapping of run-config keys")
+    known = set(RunConfig.keys())
+    for key in values:
+        if key not in known or key == "preset":
+            raise ConfigError(key, values[key], f"unknown key in preset {path}")
+    return values
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _field(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert a TOML/YAML/ConfigRecord value to the field's type, or fail clearly."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "must be true or false")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(key, value, "must be an integer")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(key, value, "must be a finite number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(key, value, "must be a string (quote it: key='value')")
+    return value
+
+
+def _one_of(key: str, value: str, allowed: Mapping[str, Any]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, f"must be one of {', '.join(sorted(allowed))}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(key, value, "must be > 0")

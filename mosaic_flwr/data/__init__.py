@@ -1,0 +1,41 @@
+"""Data sets, partitioners and batched augmentation."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ..config import RunConfig
+from .augment import BatchTransform
+from .datasets import DATASETS, DatasetSpec, DatasetUnavailableError, ImageData, load_dataset
+from .partition import PARTITIONERS, label_counts, partition_labels
+
+__all__ = [
+    "BatchTransform", "DATASETS", "DatasetSpec", "DatasetUnavailableError", "ImageData",
+    "PARTITIONERS", "client_indices", "label_counts", "load_dataset", "partition_labels",
+    "partitions_for",
+]
+
+
+def partitions_for(config: RunConfig) -> list[np.ndarray]:
+    """Every client's training indices for this config (cached per process)."""
+    return _cached_partitions(config.dataset, config.data_path, config.partitioner,
+                              config.num_clients, config.seed, config.dirichlet_alpha,
+                              config.min_partition_size, config.classes_per_client)
+
+
+def client_indices(config: RunConfig, partition_id: int) -> np.ndarray:
+    """Training indices of one client."""
+    return partitions_for(config)[partition_id]
+
+
+# The key lists every input of the partitioning, so no two configs share an entry.
+@functools.lru_cache(maxsize=8)
+def _cached_partitions(dataset: str, data_path: str, partitioner: str, num_clients: int,
+                       seed: int, alpha: float, min_size: int,
+                       classes_per_client: int) -> list[np.ndarray]:
+    labels = load_dataset(dataset, data_path).train_labels
+    return partition_labels(labels, partitioner=partitioner, num_clients=num_clients, seed=seed,
+                            dirichlet_alpha=alpha, min_partition_size=min_size,
+                            classes_per_client=classes_per_client, dataset=dataset)

@@ -1,0 +1,195 @@
+"""The dataset registry: what each data set is, and how to load it into memory.
+
+Every data set is held as :class:`ImageData`: float32 images in ``[0, 1]``
+(N, C, H, W) and int64 labels, with a fixed train/test split. Normalisation and
+augmentation happen later, batched on the training device
+(:mod:`mosaic_flwr.data.augment`).
+
+``digits`` ships with scikit-learn and works offline everywhere. The others load
+by their Hugging Face hub name (the same loader flwr-datasets uses) when the
+machine is online, or from ``data-path``: a ``save_to_disk`` folder, parquet
+files, or an imagefolder tree.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DatasetSpec:  # pylint: disable=too-many-instance-attributes
+    """Static facts about a data set: shape, classes, where it lives, how to normalise."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool
+    crop_padding: int
+    hub_id: str = ""
+    hub_config: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    test_split: str = "test"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image."""
+        return (self.channels, self.image_size, self.image_size)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        # 8x8 UCI digits; mean/std measured on all 1,797 images scaled to [0, 1].
+        DatasetSpec("digits", 1, 8, 10, (0.3054,), (0.3782,), hflip=False, crop_padding=1),
+        DatasetSpec("mnist", 1, 28, 10, (0.1307,), (0.3081,), hflip=False, crop_padding=2,
+                    hub_id="ylecun/mnist"),
+        DatasetSpec("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), hflip=True,
+                    crop_padding=2, hub_id="zalando-datasets/fashion_mnist"),
+        DatasetSpec("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                    hflip=True, crop_padding=4, hub_id="uoft-cs/cifar10", image_column="img"),
+        DatasetSpec("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                    hflip=True, crop_padding=4, hub_id="uoft-cs/cifar100", image_column="img",
+                    label_column="fine_label"),
+        DatasetSpec("svhn", 3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+                    hflip=False, crop_padding=2, hub_id="ufldl-stanford/svhn",
+                    hub_config="cropped_digits"),
+    )
+}
+
+#: Share of ``digits`` held out as the test split (stratified, fixed across seeds).
+DIGITS_TEST_FRACTION = 0.2
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A data set could not be loaded; the message says where we looked and what to do."""
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A data set in memory: images in [0, 1], shape (N, C, H, W); int64 labels."""
+
+    spec: DatasetSpec
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+@functools.lru_cache(maxsize=2)
+def load_dataset(name: str, data_path: str = "") -> ImageData:
+    """Load a registered data set (cached per process: Ray actors serve many clients)."""
+    spec = DATASETS[name]
+    if name == "digits" and not data_path:
+        return _load_digits(spec)
+    if data_path:
+        splits = _load_local(spec, Path(data_path).expanduser())
+    else:
+        splits = _load_hub(spec)
+    return ImageData(spec, *_to_arrays(spec, splits["train"]), *_to_arrays(spec, splits["test"]))
+
+
+def _load_digits(spec: DatasetSpec) -> ImageData:
+    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+
+    bunch = load_digits()
+    images = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    labels = bunch.target.astype(np.int64)
+    # Stratified split with a fixed generator: every seed is scored on the same test set.
+    rng = np.random.default_rng(12345)
+    test_idx = []
+    for label in range(spec.num_classes):
+        idx = np.flatnonzero(labels == label)
+        rng.shuffle(idx)
+        test_idx.append(idx[: round(len(idx) * DIGITS_TEST_FRACTION)])
+    test_mask = np.zeros(len(labels), dtype=bool)
+    test_mask[np.concatenate(test_idx)] = True
+    return ImageData(spec, images[~test_mask], labels[~test_mask],
+                     images[test_mask], labels[test_mask])
+
+
+def _how_to_provide(spec: DatasetSpec) -> str:
+    return (f"Provide it with --run-config \"data-path='/abs/path'\" pointing to a "
+            f"Hugging Face `save_to_disk` folder, a folder of parquet files "
+            f"(train*.parquet and test*.parquet) or an imagefolder tree "
+            f"(train/<label>/*.png, test/<label>/*.png) with columns "
+            f"'{spec.image_column}' and '{spec.label_column}'.")
+
+
+def _load_hub(spec: DatasetSpec):
+    import datasets  # pylint: disable=import-outside-toplevel
+
+    try:
+        return datasets.load_dataset(spec.hub_id, spec.hub_config)
+    except Exception as err:  # the hub raises many kinds of errors when offline
+        raise DatasetUnavailableError(
+            f"dataset '{spec.name}' is not available: loading Hugging Face hub "
+            f"dataset '{spec.hub_id}' failed ({type(err).__name__}: {err}). "
+            f"{_how_to_provide(spec)}"
+        ) from err
+
+
+def _load_local(spec: DatasetSpec, path: Path):
+    import datasets  # pylint: disable=import-outside-toplevel
+
+    if not path.exists():
+        raise DatasetUnavailableError(
+            f"dataset '{spec.name}' is not available: data-path {path} does not exist. "
+            f"{_how_to_provide(spec)}")
+    try:
+        if (path / "dataset_dict.json").is_file():
+            splits = datasets.load_from_disk(str(path))
+        elif list(path.glob("*.parquet")) or list(path.glob("*/*.parquet")):
+            files = sorted(str(p) for p in path.rglob("*.parquet"))
+            splits = datasets.load_dataset("parquet", data_files={
+                "train": [f for f in files if "train" in Path(f).name or "/train" in f],
+                "test": [f for f in files if "test" in Path(f).name or "/test" in f],
+            })
+        else:
+            splits = datasets.load_dataset("imagefolder", data_dir=str(path))
+    except Exception as err:
+        raise DatasetUnavailableError(
+            f"dataset '{spec.name}' is not available: reading data-path {path} failed "
+            f"({type(err).__name__}: {err}). {_how_to_provide(spec)}") from err
+    missing = {"train", spec.test_split} - set(splits.keys())
+    if missing:
+        raise DatasetUnavailableError(
+            f"dataset '{spec.name}' at {path} lacks split(s) {sorted(missing)}. "
+            f"{_how_to_provide(spec)}")
+    return {"train": splits["train"], "test": splits[spec.test_split]}
+
+
+def _to_arrays(spec: DatasetSpec, split) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a Hugging Face split into (N, C, H, W) float32 in [0, 1] and int64 labels."""
+    columns = split.column_names
+    image_col = spec.image_column if spec.image_column in columns else next(
+        (c for c in ("image", "img") if c in columns), None)
+    label_col = spec.label_column if spec.label_column in columns else (
+        "label" if "label" in columns else None)
+    if image_col is None or label_col is None:
+        raise DatasetUnavailableError(
+            f"dataset '{spec.name}': expected columns '{spec.image_column}' and "
+            f"'{spec.label_column}', found {columns}. {_how_to_provide(spec)}")
+    images = np.stack([_image_to_array(img, spec) for img in split[image_col]])
+    labels = np.asarray(split[label_col], dtype=np.int64)
+    return images, labels
+
+
+def _image_to_array(image, spec: DatasetSpec) -> np.ndarray:
+    if hasattr(image, "convert"):  # a PIL image
+        image = image.convert("L" if spec.channels == 1 else "RGB")
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.shape[:2] != (spec.image_size, spec.image_size) or array.shape[2] != spec.channels:
+        raise DatasetUnavailableError(
+            f"dataset '{spec.name}': an image has shape {array.shape}, expected "
+            f"{(spec.image_size, spec.image_size, spec.channels)} (H, W, C)")
+    return array.transpose(2, 0, 1) / 255.0

@@ -1,0 +1,270 @@
+"""``mosaic-flwr simulate``: run the app with ``flwr run`` on a private local SuperLink.
+
+Plain ``flwr run .`` works too, but it reuses a detached SuperLink that may
+have been started by another checkout with other settings, it gives only two
+virtual clients unless told otherwise, and ``flwr run --stream`` exits 0 even
+when the run failed. This launcher:
+
+1. resolves and validates the run config first (a mistake fails in a second);
+2. starts its own ``flower-superlink --simulation`` on a free loopback port, with
+   runtime dependency installation, telemetry and update checks off;
+3. runs ``flwr run`` with ``num-supernodes`` equal to ``num-clients``;
+4. asks the SuperLink for the run's final status and exits non-zero unless it is
+   ``finished:completed``; then stops the SuperLink and everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig, resolve_run_config
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "mosaic-sim"
+
+#: Environment every Flower process we start runs with.
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """A Flower executable from this interpreter's environment, else from PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"`{name}` not found; install the project (pip install -e .)")
+    return found
+
+
+class LocalSuperLink:
+    """A simulation SuperLink on 127.0.0.1 owned by this process (a context manager)."""
+
+    def __init__(self, extra_env: dict[str, str] | None = None, startup_timeout: float = 60) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="mosaic-flwr-home-"))
+        self.port = _free_port()
+        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), **(extra_env or {})}
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.home / "superlink.log"
+
+    def __enter__(self) -> "LocalSuperLink":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Write the connection entry, start the SuperLink, wait until it answers."""
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n', encoding="utf-8")
+        command = [_bin("flower-superlink"), "--insecure", "--simulation",
+                   "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--disable-runtime-dependency-installation"]
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(  # pylint: disable=consider-using-with
+                command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {self.process.returncode}; "
+                                   f"see {self.log_path}")
+            if self._answers():
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not answer within {self.startup_timeout}s")
+
+    def _answers(self) -> bool:
+        import httpx  # pylint: disable=import-outside-toplevel
+
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=0.5).is_success
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the SuperLink and every process it started (its whole session)."""
+        if self.process is not None and self.process.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.process.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.process = None
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def flwr(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Run a ``flwr`` CLI command against this SuperLink."""
+        return subprocess.run([_bin("flwr"), *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
+    def run_status(self, run_id: int) -> str:
+        """``finished:completed``, ``finished:failed``, ``running``, ... for one run."""
+        result = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json",
+                           timeout=60)
+        try:
+            payload = json.loads(result.stdout)
+            return str(payload["runs"][0]["status"])
+        except (ValueError, KeyError, IndexError) as err:
+            raise RuntimeError(f"could not read the status of run {run_id}: "
+                               f"{result.stdout or result.stderr}") from err
+
+
+@dataclass
+class SimulationOutcome:
+    """How a simulated run ended, and where its results are."""
+
+    run_id: int | None
+    status: str
+    run_dir: Path
+    log: str
+
+    @property
+    def completed(self) -> bool:
+        """True when the SuperLink reports ``finished:completed``."""
+        return self.status == "finished:completed"
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The run's ``summary.json``."""
+        return json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def toml_value(value: Any) -> str:
+    """A Python value as a TOML literal for ``--run-config``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def plan_run(overrides: dict[str, Any], output_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """Validate the overrides and fill in output-dir and a unique run-name."""
+    overrides = dict(overrides)
+    overrides.setdefault("output-dir", str(output_dir.resolve()))
+    config = resolve_run_config({**RunConfig().to_mapping(), **overrides}, explicit=overrides)
+    if not config.run_name:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        overrides["run-name"] = (f"{stamp}-{config.strategy}-{config.dataset}-"
+                                 f"{config.partitioner}-seed{config.seed}")
+        config = config.replace(run_name=overrides["run-name"])
+    return config, overrides
+
+
+def simulate(overrides: dict[str, Any], *, superlink: LocalSuperLink | None = None,
+             app_dir: Path = APP_DIR, output_dir: Path = Path("outputs"),
+             cpus_per_client: int = 1, gpus_per_client: float = 0.0,
+             num_supernodes: int | None = None, stream: bool = False,
+             timeout: float | None = None) -> SimulationOutcome:
+    """Run one simulation to its end and report its final status."""
+    config, overrides = plan_run(overrides, output_dir)
+    if superlink is None:
+        with LocalSuperLink() as own:
+            return simulate(overrides, superlink=own, app_dir=app_dir, output_dir=output_dir,
+                            cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client,
+                            num_supernodes=num_supernodes, stream=stream, timeout=timeout)
+    federation = (f"num-supernodes={num_supernodes or config.num_clients} "
+                  f"client-resources-num-cpus={cpus_per_client} "
+                  f"client-resources-num-gpus={float(gpus_per_client)}")
+    command = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+               "--federation-config", federation]
+    for key, value in overrides.items():
+        command += ["--run-config", f"{key}={toml_value(value)}"]
+    lines: list[str] = []
+    with subprocess.Popen(command, env=superlink.env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if stream:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        proc.wait(timeout=timeout)
+    log_text = "".join(lines)
+    run_id = _run_id(log_text)
+    status = superlink.run_status(run_id) if run_id is not None else "not-started"
+    run_dir = Path(config.output_dir) / config.run_name
+    if run_dir.is_dir():
+        (run_dir / "flwr.log").write_text(log_text, encoding="utf-8")
+    return SimulationOutcome(run_id, status, run_dir, log_text)
+
+
+def _run_id(log_text: str) -> int | None:
+    for line in log_text.splitlines():
+        if "Successfully started run" in line:
+            return int(line.rsplit(" ", 1)[-1].strip())
+    return None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs with TOML values, as ``flwr run --run-config`` reads them."""
+    from flwr.common.config import parse_config_args  # pylint: disable=import-outside-toplevel
+
+    return dict(parse_config_args(items)) if items else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mosaic-flwr`` command."""
+    parser = argparse.ArgumentParser(prog="mosaic-flwr", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run one simulation and check that it completed")
+    sim.add_argument("-c", "--run-config", action="append", default=[],
+                     help="run-config overrides, TOML values: \"dataset='digits' seed=1\"")
+    sim.add_argument("--output-dir", type=Path, default=Path("outputs"),
+                     help="base folder for results unless output-dir is in --run-config "
+                          "(default: ./outputs)")
+    sim.add_argument("--cpus-per-client", type=int, default=1)
+    sim.add_argument("--gpus-per-client", type=float, default=0.0,
+                     help="fraction of a GPU per virtual client, e.g. 0.25 (needs CUDA)")
+    sim.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder")
+    args = parser.parse_args(argv)
+    try:
+        outcome = simulate(parse_overrides(args.run_config), app_dir=args.app,
+                           output_dir=args.output_dir, cpus_per_client=args.cpus_per_client,
+                           gpus_per_client=args.gpus_per_client, stream=True)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nrun {outcome.run_id}: {outcome.status}; results in {outcome.run_dir}")
+    if outcome.completed:
+        summary = outcome.summary
+        print(f"final accuracy {summary['final_accuracy']:.4f}, best "
+              f"{summary['best_accuracy']:.4f}, {summary['wall_seconds']:.1f}s")
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The model registry: classifiers with a separate feature extractor and head.
+
+Every classifier is a :class:`Classifier`: ``features(x)`` gives the penultimate
+feature vector, ``head`` is the final linear layer, and ``forward`` is
+``head(features(x))``. Mosaic needs both halves: features for prototypes, heads
+for the meta model. ``width`` scales every hidden width (HeteroFL / FedRolex
+sub-models), and the input shape and class count come from the data set.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .data.datasets import DatasetSpec
+
+
+class Classifier(nn.Module):
+    """A feature extractor followed by a linear classifier head."""
+
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.body = body
+        self.feature_dim = feature_dim
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features, shape (batch, feature_dim)."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pylint: disable=arguments-differ
+        return self.head(self.body(x))
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+def cnn(spec: DatasetSpec, width: float = 1.0) -> Classifier:
+    """The common FL baseline CNN: two 5x5 conv + max-pool blocks, two linear layers."""
+    c1, c2, hidden = _scaled(32, width), _scaled(64, width), _scaled(512, width)
+    spatial = spec.image_size // 4
+    body = nn.Sequential(
+        nn.Conv2d(spec.channels, c1, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(c2 * spatial * spatial, hidden), nn.ReLU(inplace=True),
+    )
+    return Classifier(body, hidden, spec.num_classes)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (ResNet-18's block)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pylint: disable=arguments-differ
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _resnet(spec: DatasetSpec, widths: tuple[int, ...], blocks: tuple[int, ...],
+            width: float) -> Classifier:
+    """CIFAR-style ResNet: 3x3 stem without max-pool, stages of BasicBlocks, global pool."""
+    planes = [_scaled(w, width) for w in widths]
+    layers: list[nn.Module] = [
+        nn.Conv2d(spec.channels, planes[0], 3, padding=1, bias=False),
+        nn.BatchNorm2d(planes[0]), nn.ReLU(inplace=True),
+    ]
+    in_planes = planes[0]
+    for stage, (out_planes, count) in enumerate(zip(planes, blocks)):
+        for block in range(count):
+            stride = 2 if stage > 0 and block == 0 else 1
+            layers.append(BasicBlock(in_planes, out_planes, stride))
+            in_planes = out_planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return Classifier(nn.Sequential(*layers), in_planes, spec.num_classes)
+
+
+def resnet8(spec: DatasetSpec, width: float = 1.0) -> Classifier:
+    """ResNet-8 (FedDF's small ResNet): stages of 16, 32, 64 channels, one block each."""
+    return _resnet(spec, (16, 32, 64), (1, 1, 1), width)
+
+
+def resnet18(spec: DatasetSpec, width: float = 1.0) -> Classifier:
+    """ResNet-18, CIFAR stem: stages of 64, 128, 256, 512 channels, two blocks each."""
+    return _resnet(spec, (64, 128, 256, 512), (2, 2, 2, 2), width)
+
+
+MODELS: dict[str, Callable[[DatasetSpec, float], Classifier]] = {
+    "cnn": cnn,
+    "resnet8": resnet8,
+    "resnet18": resnet18,
+}
+
+
+def build_model(name: str, spec: DatasetSpec, width: float = 1.0) -> Classifier:
+    """Instantiate a registered classifier for a data set's input shape and classes."""
+    return MODELS[name](spec, width)

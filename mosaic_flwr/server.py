@@ -1,0 +1,121 @@
+"""The ServerApp's work: validate, set up, run the strategy, record the results.
+
+``server_app/app.py`` only hands Flower's ``Grid`` and ``Context`` to
+:func:`run_server`. Everything that can be checked before training (the
+configuration, the data set, the partitions, the federation size) is checked
+first, so a mistake ends the run as failed with one clear log line.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from logging import ERROR, INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from .config import ConfigError, RunConfig, resolve_run_config
+from .data import BatchTransform, DatasetUnavailableError, label_counts, load_dataset, partitions_for
+from .models import build_model
+from .results import RunRecorder, make_run_dir
+from .strategies import build_strategy
+from .training import evaluate, select_device
+
+
+class FederationTooSmallError(RuntimeError):
+    """Fewer SuperNodes connected than ``num-clients`` within ``node-wait-timeout``."""
+
+
+def load_config(grid: Grid, context: Context) -> RunConfig:
+    """The validated config: app defaults < preset < values passed with --run-config."""
+    run = getattr(grid, "run", None)
+    explicit = getattr(run, "override_config", None)
+    return resolve_run_config(context.run_config, explicit)
+
+
+def wait_for_nodes(grid: Grid, config: RunConfig) -> int:
+    """Block until ``num-clients`` nodes are connected, or fail after the timeout."""
+    deadline = time.monotonic() + config.node_wait_timeout
+    while (connected := len(list(grid.get_node_ids()))) < config.num_clients:
+        if time.monotonic() > deadline:
+            raise FederationTooSmallError(
+                f"only {connected} SuperNodes connected after {config.node_wait_timeout:.0f}s "
+                f"but num-clients={config.num_clients}; in simulation pass --federation-config "
+                f"\"num-supernodes={config.num_clients}\" (mosaic-flwr simulate does), in "
+                f"deployment start {config.num_clients} SuperNodes")
+        time.sleep(0.5)
+    return connected
+
+
+class CentralEvaluator:
+    """Scores global arrays on the held-out test split (Flower's ``evaluate_fn``)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        data = load_dataset(config.dataset, config.data_path)
+        self.config = config
+        self.device = select_device(config.device)
+        self.model = build_model(config.model, data.spec, config.model_width)
+        self.transform = BatchTransform(data.spec, self.device)
+        self.images = torch.from_numpy(data.test_images)
+        self.labels = torch.from_numpy(data.test_labels)
+
+    def __call__(self, arrays: ArrayRecord) -> tuple[float, float]:
+        """(loss, accuracy) of the global model described by ``arrays``."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        return evaluate(self.model, self.images, self.labels, self.transform, self.device,
+                        amp=self.config.amp)
+
+
+def run_server(grid: Grid, context: Context) -> dict:
+    """Run one experiment end to end and return its summary."""
+    try:
+        config = load_config(grid, context)
+        data = load_dataset(config.dataset, config.data_path)
+        partitions = partitions_for(config)
+    except (ConfigError, DatasetUnavailableError) as err:
+        log(ERROR, "%s", err)
+        raise
+
+    random.seed(config.seed)  # Flower samples nodes with `random`
+    torch.manual_seed(config.seed)
+    initial_model = build_model(config.model, data.spec, config.model_width)
+    initial_arrays = ArrayRecord(initial_model.state_dict())
+
+    counts = label_counts(data.train_labels, partitions, data.spec.num_classes)
+    recorder = RunRecorder(make_run_dir(config), config)
+    recorder.write_partitions(counts, config.partitioner)
+    log(INFO, "Results go to %s", recorder.run_dir)
+    for pid, row in enumerate(counts):
+        log(INFO, "partition %d: %d samples, label counts %s", pid, row.sum(), row.tolist())
+
+    strategy = build_strategy(config)
+    evaluator = CentralEvaluator(config)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        loss, accuracy = evaluator(arrays)
+        if server_round == 0:
+            recorder.on_initial(accuracy, loss)
+        else:
+            stats = getattr(strategy, "round_stats", {}).get(server_round, {})
+            recorder.on_round_end(server_round, accuracy, loss, **stats)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    try:
+        wait_for_nodes(grid, config)
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=config.num_server_rounds,
+            timeout=config.round_timeout,
+            train_config=ConfigRecord(config.to_mapping()),
+            evaluate_config=ConfigRecord(config.to_mapping()),
+            evaluate_fn=evaluate_fn,
+        )
+    except Exception as err:
+        log(ERROR, "run failed: %s", err)
+        recorder.finish(status="failed", error=str(err))
+        raise
+    return recorder.finish(status="completed")

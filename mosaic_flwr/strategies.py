@@ -1,0 +1,209 @@
+"""Server-side strategies, registered by name, and the reply screening they share.
+
+Flower's ``FedAvg`` ends the whole ServerApp when one reply is malformed
+(``InconsistentMessageReplies``). Here every strategy screens replies first: a
+client that raised, timed out or sent a malformed reply is logged and left out
+of that round, and the run goes on while at least ``min-clients`` replies are
+usable; below that it stops with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Callable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.supercore import log
+
+from .config import RunConfig
+
+#: Name of the ConfigRecord in which a client identifies itself in a reply.
+CLIENT_RECORD = "client"
+
+
+class NotEnoughRepliesError(RuntimeError):
+    """Fewer usable replies than ``min-clients`` in a round."""
+
+
+def reply_partition_id(msg: Message) -> int:
+    """The partition a reply came from (its node id when the client did not say)."""
+    record = msg.content.config_records.get(CLIENT_RECORD) if not msg.has_error() else None
+    if record is not None and "partition-id" in record:
+        return int(record["partition-id"])
+    return int(msg.metadata.src_node_id)
+
+
+def screen_train_replies(
+    replies: list[Message], expected: dict[str, tuple[tuple[int, ...], str]],
+    arrays_key: str, weight_key: str,
+) -> tuple[list[Message], list[tuple[Message, str]]]:
+    """Split training replies into usable ones and (reply, reason) for the rest.
+
+    A usable reply carries no error, an ArrayRecord ``arrays_key`` whose arrays
+    have exactly the expected names, shapes and dtypes and only finite values,
+    and one MetricRecord with a positive ``weight_key`` and the same metric names
+    as most other replies.
+    """
+    usable: list[Message] = []
+    rejected: list[tuple[Message, str]] = []
+    for msg in replies:
+        reason = _train_reply_problem(msg, expected, arrays_key, weight_key)
+        if reason:
+            rejected.append((msg, reason))
+        else:
+            usable.append(msg)
+    return _same_metric_keys(usable, rejected)
+
+
+def _train_reply_problem(msg: Message, expected: dict[str, tuple[tuple[int, ...], str]],
+                         arrays_key: str, weight_key: str) -> str:
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    content = msg.content
+    if len(content.array_records) != 1 or arrays_key not in content.array_records:
+        return f"expected one ArrayRecord '{arrays_key}', got {list(content.array_records)}"
+    arrays = content.array_records[arrays_key]
+    if set(arrays.keys()) != set(expected):
+        missing, extra = set(expected) - set(arrays.keys()), set(arrays.keys()) - set(expected)
+        return f"array names differ from the global model (missing {sorted(missing)[:3]}, " \
+               f"unexpected {sorted(extra)[:3]})"
+    for name, array in arrays.items():
+        shape, dtype = expected[name]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            return f"array '{name}' is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+        values = array.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"array '{name}' holds NaN or infinite values"
+    return _metrics_problem(msg, weight_key)
+
+
+def _metrics_problem(msg: Message, weight_key: str) -> str:
+    records = msg.content.metric_records
+    if len(records) != 1:
+        return f"expected one MetricRecord, got {len(records)}"
+    metrics = next(iter(records.values()))
+    weight = metrics.get(weight_key)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        return f"metric '{weight_key}' must be a positive number, got {weight!r}"
+    return ""
+
+
+def _same_metric_keys(usable: list[Message], rejected: list[tuple[Message, str]]):
+    """Keep replies whose metric names match the most common set (Flower requires equal sets)."""
+    if not usable:
+        return usable, rejected
+    def names(msg: Message) -> frozenset[str]:
+        return frozenset(next(iter(msg.content.metric_records.values())).keys())
+    common = Counter(names(m) for m in usable).most_common(1)[0][0]
+    kept = [m for m in usable if names(m) == common]
+    rejected += [(m, f"metric names {sorted(names(m))} differ from {sorted(common)}")
+                 for m in usable if names(m) != common]
+    return kept, rejected
+
+
+class TolerantAggregation:
+    """Mixin for FedAvg-family strategies: screen replies, enforce ``min_replies``.
+
+    Put it before the Flower strategy in the bases. ``round_stats[round]`` records
+    how many clients were asked, replied usefully, failed or timed out.
+    """
+
+    arrayrecord_key: str
+    weighted_by_key: str
+
+    def __init__(self, *, min_replies: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)  # type: ignore[call-arg]
+        self.min_replies = min_replies
+        self.round_stats: dict[int, dict[str, int]] = {}
+        self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._num_sent = 0
+
+    def summary(self) -> None:
+        """Log the screening settings, then the wrapped strategy's summary."""
+        log(INFO, "\t├──> Minimum usable replies per round: %d", self.min_replies)
+        super().summary()  # type: ignore[misc]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Remember what a valid reply must look like, then configure as usual."""
+        self._expected = {name: (tuple(a.shape), a.dtype) for name, a in arrays.items()}
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self._num_sent = len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the usable replies, ordered by partition id (reproducible sums)."""
+        replies = list(replies)
+        usable, rejected = screen_train_replies(replies, self._expected, self.arrayrecord_key,
+                                                self.weighted_by_key)
+        self._log_rejections(server_round, rejected)
+        timed_out = max(0, self._num_sent - len(replies))
+        if timed_out:
+            log(WARNING, "round %d: %d of %d clients sent no reply before the round timeout",
+                server_round, timed_out, self._num_sent)
+        self.round_stats[server_round] = {
+            "clients_sampled": self._num_sent, "clients_ok": len(usable),
+            "clients_failed": len(rejected), "clients_timed_out": timed_out}
+        if len(usable) < self.min_replies:
+            raise NotEnoughRepliesError(
+                f"round {server_round}: only {len(usable)} usable replies from "
+                f"{self._num_sent} sampled clients, fewer than min-clients={self.min_replies} "
+                f"({len(rejected)} failed or malformed, {timed_out} timed out); stopping the run")
+        usable.sort(key=reply_partition_id)
+        return super().aggregate_train(server_round, usable)  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Aggregate client-side evaluation metrics from the usable replies only."""
+        usable, rejected = [], []
+        for msg in replies:
+            reason = (f"client error: {msg.error.reason}" if msg.has_error()
+                      else _metrics_problem(msg, self.weighted_by_key))
+            (rejected.append((msg, reason)) if reason else usable.append(msg))
+        usable, rejected = _same_metric_keys(usable, rejected)
+        self._log_rejections(server_round, rejected)
+        usable.sort(key=reply_partition_id)
+        return super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
+
+    @staticmethod
+    def _log_rejections(server_round: int, rejected: list[tuple[Message, str]]) -> None:
+        for msg, reason in rejected:
+            log(WARNING, "round %d: leaving out the reply of node %d: %s",
+                server_round, msg.metadata.src_node_id, reason)
+
+
+class TolerantFedAvg(TolerantAggregation, FedAvg):
+    """Flower's FedAvg with reply screening and a minimum of usable replies."""
+
+
+class TolerantFedProx(TolerantAggregation, FedProx):
+    """Flower's FedProx (clients add mu/2 * ||w - w_global||^2) with reply screening."""
+
+
+def _sampling(config: RunConfig) -> dict:
+    return {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": config.min_clients,
+        "min_evaluate_nodes": config.min_clients if config.fraction_evaluate > 0 else 0,
+        # Wait for no more than the minimum: a node lost mid-run must not stall the run.
+        "min_available_nodes": config.min_clients,
+        "min_replies": config.min_clients,
+    }
+
+
+STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
+    "fedavg": lambda config: TolerantFedAvg(**_sampling(config)),
+    "fedprox": lambda config: TolerantFedProx(proximal_mu=config.proximal_mu, **_sampling(config)),
+}
+
+
+def build_strategy(config: RunConfig) -> Strategy:
+    """The server-side strategy the config names."""
+    return STRATEGIES[config.strategy](config)

@@ -1,0 +1,118 @@
+"""Local training and evaluation loops, device selection and precision.
+
+Data are held as tensors in memory and batched by index: no DataLoader worker
+processes inside Ray actors, and augmentation runs batched on the device.
+Training is reproducible on the CPU: every random choice draws from a
+``torch.Generator`` seeded by the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data.augment import BatchTransform
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present (in Ray, only for actors given a GPU share)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} was requested but CUDA is not available here")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bfloat16 where supported); a no-op on the CPU."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What one call of :func:`train` does."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+    augment: bool = True
+    amp: bool = True
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Mean loss and accuracy over the training samples seen, and their number."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+          transform: BatchTransform, settings: TrainSettings, device: torch.device,
+          generator: torch.Generator) -> TrainResult:
+    """SGD on local data; with ``proximal_mu > 0`` adds FedProx's mu/2 * ||w - w_global||^2."""
+    model.to(device).train()
+    optimiser = torch.optim.SGD(model.parameters(), lr=settings.learning_rate,
+                                momentum=settings.momentum, weight_decay=settings.weight_decay)
+    global_params = ([p.detach().clone() for p in model.parameters()]
+                     if settings.proximal_mu > 0 else None)
+    use_fp16_scaler = (device.type == "cuda" and settings.amp
+                       and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16_scaler)
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, correct, seen = 0.0, 0, 0
+    n = len(labels)
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            if len(idx) < 2 and n >= 2:
+                continue  # a batch of one breaks BatchNorm and adds only noise
+            x = images[idx].to(device, non_blocking=True)
+            y = labels[idx].to(device, non_blocking=True)
+            x = transform(x, train=settings.augment, generator=generator)
+            with autocast(device, settings.amp):
+                logits = model(x)
+                loss = loss_fn(logits, y)
+            if global_params is not None:
+                prox = sum((p.float() - g).pow(2).sum()
+                           for p, g in zip(model.parameters(), global_params))
+                loss = loss + 0.5 * settings.proximal_mu * prox
+            optimiser.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+            total_loss += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+    if seen == 0:
+        raise ValueError("no training batch: the client holds fewer than two samples")
+    return TrainResult(total_loss / seen, correct / seen, n)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             transform: BatchTransform, device: torch.device, batch_size: int = 512,
+             amp: bool = True) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on the given samples."""
+    model.to(device).eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        x = transform(images[start:start + batch_size].to(device), train=False)
+        y = labels[start:start + batch_size].to(device)
+        with autocast(device, amp):
+            logits = model(x)
+        total_loss += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    return total_loss / len(labels), correct / len(labels)

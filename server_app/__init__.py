@@ -1,0 +1,1 @@
+"""Flower ServerApp component of mosaic-flwr."""
