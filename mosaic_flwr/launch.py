@@ -170,32 +170,41 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def plan_run(overrides: dict[str, Any], output_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
-    """Validate the overrides and fill in output-dir and a unique run-name."""
+def plan_run(overrides: dict[str, Any], output_dir: Path,
+             validate: bool = True) -> tuple[Path, int, dict[str, Any]]:
+    """Fill in output-dir and a unique run-name; return (run folder, clients, overrides).
+
+    With ``validate`` the config is resolved and checked here, before Flower
+    starts; without it the ServerApp is left to reject a bad config itself.
+    """
     overrides = dict(overrides)
     overrides.setdefault("output-dir", str(output_dir.resolve()))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    if not validate:
+        overrides.setdefault("run-name", stamp)
+        num_clients = overrides.get("num-clients", RunConfig.num_clients)
+        return Path(overrides["output-dir"]) / overrides["run-name"], num_clients, overrides
     config = resolve_run_config({**RunConfig().to_mapping(), **overrides}, explicit=overrides)
     if not config.run_name:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         overrides["run-name"] = (f"{stamp}-{config.strategy}-{config.dataset}-"
                                  f"{config.partitioner}-seed{config.seed}")
-        config = config.replace(run_name=overrides["run-name"])
-    return config, overrides
+    return Path(config.output_dir) / overrides["run-name"], config.num_clients, overrides
 
 
 def simulate(overrides: dict[str, Any], *, superlink: LocalSuperLink | None = None,
              app_dir: Path = APP_DIR, output_dir: Path = Path("outputs"),
              cpus_per_client: int = 1, gpus_per_client: float = 0.0,
              num_supernodes: int | None = None, stream: bool = False,
-             timeout: float | None = None) -> SimulationOutcome:
+             timeout: float | None = None, validate: bool = True) -> SimulationOutcome:
     """Run one simulation to its end and report its final status."""
-    config, overrides = plan_run(overrides, output_dir)
+    run_dir, num_clients, overrides = plan_run(overrides, output_dir, validate)
     if superlink is None:
         with LocalSuperLink() as own:
             return simulate(overrides, superlink=own, app_dir=app_dir, output_dir=output_dir,
                             cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client,
-                            num_supernodes=num_supernodes, stream=stream, timeout=timeout)
-    federation = (f"num-supernodes={num_supernodes or config.num_clients} "
+                            num_supernodes=num_supernodes, stream=stream, timeout=timeout,
+                            validate=validate)
+    federation = (f"num-supernodes={num_supernodes or num_clients} "
                   f"client-resources-num-cpus={cpus_per_client} "
                   f"client-resources-num-gpus={float(gpus_per_client)}")
     command = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
@@ -215,7 +224,6 @@ def simulate(overrides: dict[str, Any], *, superlink: LocalSuperLink | None = No
     log_text = "".join(lines)
     run_id = _run_id(log_text)
     status = superlink.run_status(run_id) if run_id is not None else "not-started"
-    run_dir = Path(config.output_dir) / config.run_name
     if run_dir.is_dir():
         (run_dir / "flwr.log").write_text(log_text, encoding="utf-8")
     return SimulationOutcome(run_id, status, run_dir, log_text)

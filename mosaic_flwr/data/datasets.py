@@ -147,11 +147,11 @@ def _load_local(spec: DatasetSpec, path: Path):
         if (path / "dataset_dict.json").is_file():
             splits = datasets.load_from_disk(str(path))
         elif list(path.glob("*.parquet")) or list(path.glob("*/*.parquet")):
-            files = sorted(str(p) for p in path.rglob("*.parquet"))
+            files = sorted(path.rglob("*.parquet"))
             splits = datasets.load_dataset("parquet", data_files={
-                "train": [f for f in files if "train" in Path(f).name or "/train" in f],
-                "test": [f for f in files if "test" in Path(f).name or "/test" in f],
-            })
+                split: [str(f) for f in files
+                        if f.name.startswith(split) or f.parent.name == split]
+                for split in ("train", spec.test_split)})
         else:
             splits = datasets.load_dataset("imagefolder", data_dir=str(path))
     except Exception as err:

@@ -1,0 +1,94 @@
+"""Run configuration: defaults, presets, precedence, and one clear error per mistake."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mosaic_flwr.config import ConfigError, RunConfig, available_presets, load_preset, resolve_run_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def app_defaults() -> dict:
+    with (ROOT / "pyproject.toml").open("rb") as stream:
+        return tomllib.load(stream)["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_defaults_equal_the_dataclass_defaults():
+    assert app_defaults() == RunConfig().to_mapping()
+
+
+def test_issue_keys_exist_with_their_names():
+    required = {"strategy", "dataset", "data-path", "partitioner", "dirichlet-alpha",
+                "num-server-rounds", "local-epochs", "batch-size", "learning-rate", "model",
+                "seed", "output-dir", "wandb"}
+    assert required <= set(RunConfig.keys())
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("strategy", "fedsgd", "strategy='fedsgd': must be one of fedavg, fedprox"),
+    ("dataset", "imagenet", "dataset='imagenet': must be one of"),
+    ("model", "vgg", "model='vgg': must be one of cnn, resnet18, resnet8"),
+    ("partitioner", "shards", "partitioner='shards': must be one of"),
+    ("dirichlet-alpha", 0.0, "dirichlet-alpha=0.0: must be > 0"),
+    ("dirichlet-alpha", -1.0, "dirichlet-alpha=-1.0: must be > 0"),
+    ("learning-rate", -0.1, "learning-rate=-0.1: must be > 0"),
+    ("num-clients", 0, "num-clients=0: must be an integer >= 1"),
+    ("num-server-rounds", 0, "num-server-rounds=0: must be an integer >= 1"),
+    ("batch-size", 2.5, "batch-size=2.5: must be an integer"),
+    ("min-clients", 11, "min-clients=11: must be <= num-clients (10)"),
+    ("fraction-train", 1.5, "fraction-train=1.5: must be in (0, 1]"),
+    ("output-dir", "relative/path", "output-dir='relative/path': must be an absolute path"),
+    ("wandb", "yes", "wandb='yes': must be true or false"),
+    ("device", "tpu", "device='tpu': must be one of auto, cpu, cuda, cuda:N"),
+    ("no-such-key", 1, "no-such-key=1: unknown key"),
+])
+def test_each_bad_value_names_key_value_and_rule(key, value, message):
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_mapping({key: value})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_preset_overrides_defaults_and_explicit_values_override_the_preset():
+    fused = {**app_defaults(), "preset": "digits-dirichlet", "dirichlet-alpha": 0.7}
+    config = resolve_run_config(fused, explicit={"preset": "digits-dirichlet",
+                                                 "dirichlet-alpha": 0.7})
+    assert config.partitioner == "dirichlet"  # from the preset
+    assert config.dirichlet_alpha == 0.7  # explicit wins over the preset's 0.1
+
+
+def test_explicit_value_equal_to_the_default_still_beats_the_preset():
+    explicit = {"preset": "digits-dirichlet", "partitioner": "iid"}
+    config = resolve_run_config({**app_defaults(), **explicit}, explicit=explicit)
+    assert config.partitioner == "iid"
+
+
+def test_without_explicit_overrides_values_differing_from_defaults_count_as_explicit():
+    fused = {**app_defaults(), "preset": "digits-dirichlet", "seed": 3}
+    config = resolve_run_config(fused)
+    assert (config.partitioner, config.seed) == ("dirichlet", 3)
+
+
+def test_unknown_preset_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match=r"preset='nope'.*shipped presets: .*digits-dirichlet"):
+        resolve_run_config({**app_defaults(), "preset": "nope"})
+
+
+def test_preset_with_unknown_key_is_rejected(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("dataset: digits\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate=0.1: unknown key in preset"):
+        load_preset(str(path))
+
+
+@pytest.mark.parametrize("name", available_presets())
+def test_every_shipped_preset_is_valid(name):
+    config = resolve_run_config({**app_defaults(), "preset": name})
+    assert config.preset == name
+
+
+def test_round_trip_through_a_config_record_mapping():
+    config = RunConfig(strategy="fedprox", seed=4, learning_rate=0.2)
+    assert RunConfig.from_mapping(config.to_mapping()) == config

@@ -1,0 +1,91 @@
+"""Data sets: the embedded digits, local Hugging Face formats, and clear errors."""
+
+import numpy as np
+import pytest
+
+from mosaic_flwr.data import datasets as ds
+from mosaic_flwr.data import DatasetUnavailableError, load_dataset
+
+
+def test_digits_is_embedded_and_split_stratified():
+    data = load_dataset("digits")
+    assert data.train_images.shape[1:] == (1, 8, 8)
+    assert len(data.train_labels) + len(data.test_labels) == 1797
+    assert 0.0 <= data.train_images.min() and data.train_images.max() <= 1.0
+    test_share = np.bincount(data.test_labels) / np.bincount(
+        np.concatenate([data.train_labels, data.test_labels]))
+    assert np.all(np.abs(test_share - ds.DIGITS_TEST_FRACTION) < 0.02)
+
+
+def test_digits_normalisation_constants_match_the_data():
+    data = load_dataset("digits")
+    images = np.concatenate([data.train_images, data.test_images])
+    assert abs(images.mean() - ds.DATASETS["digits"].mean[0]) < 1e-3
+    assert abs(images.std() - ds.DATASETS["digits"].std[0]) < 1e-2
+
+
+def fake_mnist(num: int, seed: int):
+    import datasets  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(num)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(10)})
+    return datasets.Dataset.from_dict(
+        {"image": images, "label": rng.integers(0, 10, num).tolist()}, features=features)
+
+
+@pytest.fixture
+def fresh_cache():
+    ds.load_dataset.cache_clear()
+    yield
+    ds.load_dataset.cache_clear()
+
+
+def test_save_to_disk_folder_loads(tmp_path, fresh_cache):
+    import datasets  # pylint: disable=import-outside-toplevel
+
+    train, test = fake_mnist(20, 0), fake_mnist(6, 1)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "mnist"))
+    data = load_dataset("mnist", str(tmp_path / "mnist"))
+    assert data.train_images.shape == (20, 1, 28, 28)
+    assert data.test_images.shape == (6, 1, 28, 28)
+    expected = np.asarray(train[0]["image"], dtype=np.float32) / 255.0
+    assert np.allclose(data.train_images[0, 0], expected)
+    assert data.train_labels.tolist() == train["label"]
+
+
+def test_parquet_files_load(tmp_path, fresh_cache):
+    fake_mnist(12, 2).to_parquet(str(tmp_path / "train-00000.parquet"))
+    fake_mnist(4, 3).to_parquet(str(tmp_path / "test-00000.parquet"))
+    data = load_dataset("mnist", str(tmp_path))
+    assert (len(data.train_labels), len(data.test_labels)) == (12, 4)
+
+
+def test_missing_path_says_which_dataset_where_and_how(tmp_path, fresh_cache):
+    with pytest.raises(DatasetUnavailableError) as caught:
+        load_dataset("cifar10", str(tmp_path / "nowhere"))
+    message = str(caught.value)
+    assert "dataset 'cifar10'" in message and str(tmp_path / "nowhere") in message
+    assert "save_to_disk" in message and "parquet" in message and "imagefolder" in message
+
+
+def test_unreachable_hub_says_which_dataset_where_and_how(monkeypatch, fresh_cache):
+    import datasets  # pylint: disable=import-outside-toplevel
+
+    def offline(*_args, **_kwargs):
+        raise ConnectionError("no internet")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DatasetUnavailableError) as caught:
+        load_dataset("cifar10")
+    message = str(caught.value)
+    assert "dataset 'cifar10'" in message and "uoft-cs/cifar10" in message
+    assert "no internet" in message and "data-path" in message
+
+
+def test_wrong_image_shape_is_reported(tmp_path, fresh_cache):
+    import datasets  # pylint: disable=import-outside-toplevel
+
+    split = fake_mnist(3, 4)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "m"))
+    with pytest.raises(DatasetUnavailableError, match=r"dataset 'cifar10': an image has shape"):
+        load_dataset("cifar10", str(tmp_path / "m"))

@@ -1,0 +1,87 @@
+"""Reply screening: bad replies are left out, good ones averaged in partition order."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from mosaic_flwr.config import RunConfig
+from mosaic_flwr.strategies import (
+    CLIENT_RECORD, NotEnoughRepliesError, TolerantFedAvg, build_strategy, screen_train_replies)
+
+EXPECTED = {"w": ((2,), "float32"), "b": ((1,), "float32")}
+
+
+def instruction(node_id: int) -> Message:
+    return Message(RecordDict(), dst_node_id=node_id, message_type="train")
+
+
+def reply(node_id, w, b=(0.0,), n=10, pid=None, metrics=None, arrays_key="arrays"):
+    arrays = ArrayRecord({"w": Array(np.asarray(w, dtype=np.float32)),
+                          "b": Array(np.asarray(b, dtype=np.float32))})
+    content = RecordDict({arrays_key: arrays,
+                          "metrics": MetricRecord(metrics or {"num-examples": n, "loss": 1.0}),
+                          CLIENT_RECORD: ConfigRecord({"partition-id": node_id if pid is None else pid})})
+    return Message(content, reply_to=instruction(node_id))
+
+
+def error_reply(node_id):
+    return Message(Error(code=0, reason="boom"), reply_to=instruction(node_id))
+
+
+@pytest.fixture
+def strategy(task_identity):  # pylint: disable=unused-argument
+    fedavg = TolerantFedAvg(min_replies=2)
+    fedavg._expected = EXPECTED  # pylint: disable=protected-access
+    fedavg._num_sent = 6  # pylint: disable=protected-access
+    return fedavg
+
+
+def test_screening_keeps_good_replies_and_names_each_problem(task_identity):  # pylint: disable=unused-argument
+    replies = [
+        reply(1, [1, 1]),
+        error_reply(2),
+        reply(3, [np.nan, 1]),
+        reply(4, [1, 1, 1]),
+        reply(5, [1, 1], n=0),
+        reply(6, [1, 1], metrics={"num-examples": 5, "other": 1.0}),
+        reply(7, [2, 2]),
+        reply(8, [2, 2], arrays_key="weights"),
+    ]
+    usable, rejected = screen_train_replies(replies, EXPECTED, "arrays", "num-examples")
+    assert [m.metadata.src_node_id for m in usable] == [1, 7]
+    reasons = {m.metadata.src_node_id: r for m, r in rejected}
+    assert reasons[2] == "client error: boom"
+    assert "NaN" in reasons[3]
+    assert "float32[3], expected float32[2]" in reasons[4]
+    assert "'num-examples' must be a positive number" in reasons[5]
+    assert "metric names" in reasons[6]
+    assert "expected one ArrayRecord 'arrays'" in reasons[8]
+
+
+def test_aggregate_averages_usable_replies_weighted_by_examples(strategy):
+    arrays, metrics = strategy.aggregate_train(1, [
+        reply(3, [3, 3], n=30), error_reply(9), reply(1, [1, 1], n=10)])
+    assert np.allclose(arrays["w"].numpy(), [2.5, 2.5])
+    assert metrics["loss"] == pytest.approx(1.0)
+    assert strategy.round_stats[1] == {"clients_sampled": 6, "clients_ok": 2,
+                                       "clients_failed": 1, "clients_timed_out": 3}
+
+
+def test_aggregation_order_does_not_depend_on_reply_order(strategy):
+    replies = [reply(i, [0.1 * i, 1 / (i + 1)], n=i + 1) for i in range(6)]
+    first, _ = strategy.aggregate_train(1, replies)
+    second, _ = strategy.aggregate_train(1, list(reversed(replies)))
+    assert np.array_equal(first["w"].numpy(), second["w"].numpy())
+
+
+def test_too_few_usable_replies_stop_the_run_with_a_clear_error(strategy):
+    with pytest.raises(NotEnoughRepliesError,
+                       match=r"round 4: only 1 usable replies .* fewer than min-clients=2"):
+        strategy.aggregate_train(4, [reply(1, [1, 1]), error_reply(2)])
+
+
+def test_registry_builds_fedprox_with_the_configured_mu():
+    strategy = build_strategy(RunConfig(strategy="fedprox", proximal_mu=0.3, min_clients=4))
+    assert strategy.proximal_mu == 0.3
+    assert strategy.min_replies == 4
+    assert strategy.min_available_nodes == 4
