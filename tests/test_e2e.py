@@ -1,0 +1,130 @@
+"""End to end through the real `flwr run` simulation runtime on a private SuperLink.
+
+Each test asserts the run's final status as the SuperLink reports it
+(`finished:completed` / `finished:failed`), not the exit code of `flwr run`,
+which is 0 even when the ServerApp raised.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mosaic_flwr.launch import LocalSuperLink, simulate
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+
+FAULTY_CLIENT = '''
+"""A ClientApp that misbehaves on purpose: partition 0 raises, 1 sends NaN weights,
+2 sends no metrics, 3 answers too late in round 2."""
+import time
+
+import numpy as np
+from flwr.app import Array
+from flwr.clientapp import ClientApp
+
+from mosaic_flwr.client import handle_train
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    pid = int(context.node_config["partition-id"])
+    if pid == 0:
+        raise RuntimeError("injected failure")
+    if pid == 3 and int(msg.content["config"]["server-round"]) == 2:
+        time.sleep(40)
+    reply = handle_train(msg, context)
+    if pid == 1:
+        arrays = reply.content["arrays"]
+        name = next(iter(arrays.keys()))
+        arrays[name] = Array(np.full(arrays[name].shape, np.nan, dtype=np.float32))
+    if pid == 2:
+        del reply.content["metrics"]
+    return reply
+'''
+
+
+@pytest.fixture(scope="module")
+def superlink():
+    with LocalSuperLink() as link:
+        yield link
+
+
+@pytest.fixture(scope="module")
+def faulty_app(tmp_path_factory) -> Path:
+    """This app with its ClientApp replaced by one that misbehaves."""
+    app = tmp_path_factory.mktemp("faulty_app")
+    shutil.copytree(ROOT / "server_app", app / "server_app")
+    shutil.copytree(ROOT / "configs", app / "configs")
+    (app / "faulty_client.py").write_text(FAULTY_CLIENT)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(
+        pyproject.replace('clientapp = "client_app.app:app"', 'clientapp = "faulty_client:app"'))
+    return app
+
+
+def metrics_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_simulation_completes_and_repeats_exactly(superlink, tmp_path):
+    overrides = {"num-server-rounds": 3, "partitioner": "dirichlet", "dirichlet-alpha": 0.5,
+                 "seed": 1}
+    first = simulate(overrides, superlink=superlink, output_dir=tmp_path)
+    assert first.completed, first.log[-3000:]
+    summary = first.summary
+    assert summary["status"] == "completed" and summary["num_clients"] == 10
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0 for r in summary["rounds"])
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
+    partitions = json.loads((first.run_dir / "partitions.json").read_text())
+    assert sum(c["num_examples"] for c in partitions["clients"]) == 1438
+    assert [m["clients_ok"] for m in metrics_lines(first.run_dir)] == [10, 10, 10]
+    assert (first.run_dir / "accuracy.png").exists() and (first.run_dir / "flwr.log").exists()
+
+    second = simulate(overrides, superlink=superlink, output_dir=tmp_path)
+    assert second.completed
+    assert second.run_dir != first.run_dir
+    assert [r["accuracy"] for r in second.summary["rounds"]] == \
+        [r["accuracy"] for r in summary["rounds"]]
+
+
+@pytest.mark.parametrize("overrides,line", [
+    ({"dirichlet-alpha": -1.0}, "invalid run config: dirichlet-alpha=-1.0: must be > 0"),
+    ({"strategy": "fedsgd"}, "invalid run config: strategy='fedsgd': must be one of fedavg, fedprox"),
+    ({"num-clients": 5000, "min-clients": 1},
+     "invalid run config: num-clients=5000: must be <= the 1438 training samples of digits"),
+])
+def test_invalid_config_fails_the_run_before_any_training(superlink, tmp_path, overrides, line):
+    outcome = simulate(overrides, superlink=superlink, output_dir=tmp_path, validate=False,
+                       num_supernodes=2)
+    assert outcome.status == "finished:failed"
+    assert line in outcome.log
+    assert "[ROUND 1" not in outcome.log
+    assert not (outcome.run_dir / "metrics.jsonl").exists()
+
+
+def test_failing_malformed_and_late_clients_are_left_out(superlink, tmp_path, faulty_app):
+    # Round 1 includes the start of the Ray actors, so the timeout leaves room for it.
+    outcome = simulate({"num-server-rounds": 2, "round-timeout": 25.0}, superlink=superlink,
+                       app_dir=faulty_app, output_dir=tmp_path)
+    assert outcome.completed, outcome.log[-3000:]
+    first, second = metrics_lines(outcome.run_dir)
+    assert (first["clients_ok"], first["clients_failed"], first["clients_timed_out"]) == (7, 3, 0)
+    assert (second["clients_ok"], second["clients_failed"], second["clients_timed_out"]) == (6, 3, 1)
+    assert "client error" in outcome.log and "NaN" in outcome.log
+    assert outcome.summary["final_accuracy"] > 0.3
+
+
+def test_too_few_good_clients_stop_the_run_clearly_and_keep_the_results(superlink, tmp_path,
+                                                                        faulty_app):
+    outcome = simulate({"num-server-rounds": 2, "min-clients": 8}, superlink=superlink,
+                       app_dir=faulty_app, output_dir=tmp_path)
+    assert outcome.status == "finished:failed"
+    assert "fewer than min-clients=8" in outcome.log
+    summary = outcome.summary
+    assert summary["status"] == "failed" and "min-clients=8" in summary["error"]
