@@ -119,7 +119,7 @@ class TolerantAggregation:
     def __init__(self, *, min_replies: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         self.min_replies = min_replies
-        self.round_stats: dict[int, dict[str, int]] = {}
+        self.round_stats: dict[int, dict[str, float]] = {}
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self._num_sent = 0
 
@@ -160,7 +160,11 @@ class TolerantAggregation:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        """Aggregate client-side evaluation metrics from the usable replies only."""
+        """Aggregate client-side evaluation metrics from the usable replies only.
+
+        The aggregate joins ``round_stats`` (e.g. ``local_accuracy``), so it lands
+        in the round's line of ``metrics.jsonl``.
+        """
         usable, rejected = [], []
         for msg in replies:
             reason = (f"client error: {msg.error.reason}" if msg.has_error()
@@ -169,7 +173,11 @@ class TolerantAggregation:
         usable, rejected = _same_metric_keys(usable, rejected)
         self._log_rejections(server_round, rejected)
         usable.sort(key=reply_partition_id)
-        return super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
+        metrics = super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
+        if metrics is not None:
+            self.round_stats.setdefault(server_round, {}).update(
+                {name.replace("-", "_"): value for name, value in metrics.items()})
+        return metrics
 
     @staticmethod
     def _log_rejections(server_round: int, rejected: list[tuple[Message, str]]) -> None:

@@ -61,6 +61,22 @@ def test_parquet_files_load(tmp_path, fresh_cache):
     assert (len(data.train_labels), len(data.test_labels)) == (12, 4)
 
 
+def test_imagefolder_tree_loads(tmp_path, fresh_cache):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(5)
+    for split, per_class in (("train", 3), ("test", 1)):
+        for label in ("0", "1"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+                Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    data = load_dataset("mnist", str(tmp_path))
+    assert data.train_images.shape == (6, 1, 28, 28) and len(data.test_labels) == 2
+    assert sorted(data.train_labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
 def test_missing_path_says_which_dataset_where_and_how(tmp_path, fresh_cache):
     with pytest.raises(DatasetUnavailableError) as caught:
         load_dataset("cifar10", str(tmp_path / "nowhere"))

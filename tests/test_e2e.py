@@ -73,7 +73,7 @@ def metrics_lines(run_dir: Path) -> list[dict]:
 
 def test_simulation_completes_and_repeats_exactly(superlink, tmp_path):
     overrides = {"num-server-rounds": 3, "partitioner": "dirichlet", "dirichlet-alpha": 0.5,
-                 "seed": 1}
+                 "seed": 1, "fraction-evaluate": 1.0}
     first = simulate(overrides, superlink=superlink, output_dir=tmp_path)
     assert first.completed, first.log[-3000:]
     summary = first.summary
@@ -83,7 +83,10 @@ def test_simulation_completes_and_repeats_exactly(superlink, tmp_path):
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
     partitions = json.loads((first.run_dir / "partitions.json").read_text())
     assert sum(c["num_examples"] for c in partitions["clients"]) == 1438
-    assert [m["clients_ok"] for m in metrics_lines(first.run_dir)] == [10, 10, 10]
+    lines = metrics_lines(first.run_dir)
+    assert [m["clients_ok"] for m in lines] == [10, 10, 10]
+    # Client-side evaluation: every client scores the global model on its own data.
+    assert all(0.0 <= m["local_accuracy"] <= 1.0 and m["local_loss"] > 0 for m in lines)
     assert (first.run_dir / "accuracy.png").exists() and (first.run_dir / "flwr.log").exists()
 
     second = simulate(overrides, superlink=superlink, output_dir=tmp_path)
