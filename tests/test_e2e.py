@@ -96,6 +96,20 @@ def test_simulation_completes_and_repeats_exactly(superlink, tmp_path):
         [r["accuracy"] for r in summary["rounds"]]
 
 
+def test_preset_and_strategy_come_from_the_run_config(superlink, tmp_path):
+    """The preset's values apply, and explicit --run-config values beat them."""
+    outcome = simulate({"preset": "digits-dirichlet", "strategy": "fedprox",
+                        "num-server-rounds": 2, "local-epochs": 1}, superlink=superlink,
+                       output_dir=tmp_path)
+    assert outcome.completed, outcome.log[-3000:]
+    summary = outcome.summary
+    assert (summary["strategy"], summary["partitioner"], summary["dirichlet_alpha"]) == \
+        ("fedprox", "dirichlet", 0.1)
+    assert len(summary["rounds"]) == 2  # explicit value, not the preset's 20
+    assert summary["config"]["local-epochs"] == 1
+    assert "Proximal mu: 0.01" in outcome.log  # Flower's FedProx summary line
+
+
 @pytest.mark.parametrize("overrides,line", [
     ({"dirichlet-alpha": -1.0}, "invalid run config: dirichlet-alpha=-1.0: must be > 0"),
     ({"strategy": "fedsgd"}, "invalid run config: strategy='fedsgd': must be one of fedavg, fedprox"),
@@ -106,7 +120,8 @@ def test_invalid_config_fails_the_run_before_any_training(superlink, tmp_path, o
     outcome = simulate(overrides, superlink=superlink, output_dir=tmp_path, validate=False,
                        num_supernodes=2)
     assert outcome.status == "finished:failed"
-    assert line in outcome.log
+    error_lines = [l for l in outcome.log.splitlines() if "ERROR" in l]
+    assert error_lines[0].rstrip().endswith(line)  # our line comes first, before any traceback
     assert "[ROUND 1" not in outcome.log
     assert not (outcome.run_dir / "metrics.jsonl").exists()
 
