@@ -195,15 +195,14 @@ def simulate(overrides: dict[str, Any], *, superlink: LocalSuperLink | None = No
              app_dir: Path = APP_DIR, output_dir: Path = Path("outputs"),
              cpus_per_client: int = 1, gpus_per_client: float = 0.0,
              num_supernodes: int | None = None, stream: bool = False,
-             timeout: float | None = None, validate: bool = True) -> SimulationOutcome:
+             validate: bool = True) -> SimulationOutcome:
     """Run one simulation to its end and report its final status."""
     run_dir, num_clients, overrides = plan_run(overrides, output_dir, validate)
     if superlink is None:
         with LocalSuperLink() as own:
             return simulate(overrides, superlink=own, app_dir=app_dir, output_dir=output_dir,
                             cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client,
-                            num_supernodes=num_supernodes, stream=stream, timeout=timeout,
-                            validate=validate)
+                            num_supernodes=num_supernodes, stream=stream, validate=validate)
     federation = (f"num-supernodes={num_supernodes or num_clients} "
                   f"client-resources-num-cpus={cpus_per_client} "
                   f"client-resources-num-gpus={float(gpus_per_client)}")
@@ -220,7 +219,7 @@ def simulate(overrides: dict[str, Any], *, superlink: LocalSuperLink | None = No
             if stream:
                 sys.stdout.write(line)
                 sys.stdout.flush()
-        proc.wait(timeout=timeout)
+        proc.wait()
     log_text = "".join(lines)
     run_id = _run_id(log_text)
     status = superlink.run_status(run_id) if run_id is not None else "not-started"

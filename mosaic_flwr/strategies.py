@@ -60,10 +60,14 @@ def screen_train_replies(
     return _same_metric_keys(usable, rejected)
 
 
+def _error_problem(msg: Message) -> str:
+    return f"client error: {msg.error.reason}" if msg.has_error() else ""
+
+
 def _train_reply_problem(msg: Message, expected: dict[str, tuple[tuple[int, ...], str]],
                          arrays_key: str, weight_key: str) -> str:
     if msg.has_error():
-        return f"client error: {msg.error.reason}"
+        return _error_problem(msg)
     content = msg.content
     if len(content.array_records) != 1 or arrays_key not in content.array_records:
         return f"expected one ArrayRecord '{arrays_key}', got {list(content.array_records)}"
@@ -111,6 +115,15 @@ class TolerantAggregation:
 
     Put it before the Flower strategy in the bases. ``round_stats[round]`` records
     how many clients were asked, replied usefully, failed or timed out.
+
+    Parameters
+    ----------
+    min_replies : int (default: 1)
+        Fewest usable training replies a round may have; with fewer, aggregation
+        raises :class:`NotEnoughRepliesError` and the run stops.
+    **kwargs
+        Passed to the Flower strategy (``fraction_train``, ``min_train_nodes``,
+        ``min_available_nodes``, ``proximal_mu`` for FedProx, ...).
     """
 
     arrayrecord_key: str
@@ -165,11 +178,14 @@ class TolerantAggregation:
         The aggregate joins ``round_stats`` (e.g. ``local_accuracy``), so it lands
         in the round's line of ``metrics.jsonl``.
         """
-        usable, rejected = [], []
+        usable: list[Message] = []
+        rejected: list[tuple[Message, str]] = []
         for msg in replies:
-            reason = (f"client error: {msg.error.reason}" if msg.has_error()
-                      else _metrics_problem(msg, self.weighted_by_key))
-            (rejected.append((msg, reason)) if reason else usable.append(msg))
+            reason = _error_problem(msg) or _metrics_problem(msg, self.weighted_by_key)
+            if reason:
+                rejected.append((msg, reason))
+            else:
+                usable.append(msg)
         usable, rejected = _same_metric_keys(usable, rejected)
         self._log_rejections(server_round, rejected)
         usable.sort(key=reply_partition_id)
