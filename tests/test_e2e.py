@@ -96,11 +96,11 @@ def test_simulation_completes_and_repeats_exactly(superlink, tmp_path):
         [r["accuracy"] for r in summary["rounds"]]
 
 
-def test_preset_and_strategy_come_from_the_run_config(superlink, tmp_path):
-    """The preset's values apply, and explicit --run-config values beat them."""
+def test_preset_strategy_and_wandb_come_from_the_run_config(superlink, tmp_path):
+    """The preset's values apply, explicit --run-config values beat them, wandb logs offline."""
     outcome = simulate({"preset": "digits-dirichlet", "strategy": "fedprox",
-                        "num-server-rounds": 2, "local-epochs": 1}, superlink=superlink,
-                       output_dir=tmp_path)
+                        "num-server-rounds": 2, "local-epochs": 1, "wandb": True,
+                        "wandb-mode": "offline"}, superlink=superlink, output_dir=tmp_path)
     assert outcome.completed, outcome.log[-3000:]
     summary = outcome.summary
     assert (summary["strategy"], summary["partitioner"], summary["dirichlet_alpha"]) == \
@@ -108,6 +108,7 @@ def test_preset_and_strategy_come_from_the_run_config(superlink, tmp_path):
     assert len(summary["rounds"]) == 2  # explicit value, not the preset's 20
     assert summary["config"]["local-epochs"] == 1
     assert "Proximal mu: 0.01" in outcome.log  # Flower's FedProx summary line
+    assert len(list((outcome.run_dir / "wandb").glob("offline-run-*/*.wandb"))) == 1
 
 
 @pytest.mark.parametrize("overrides,line", [

@@ -54,9 +54,10 @@ def test_a_second_run_with_the_same_name_does_not_overwrite_the_first(tmp_path):
     assert (first.run_dir / "summary.json").exists() and (second.run_dir / "summary.json").exists()
 
 
-def test_wandb_logs_offline(tmp_path, monkeypatch):
+def test_wandb_logs_offline_with_the_environment_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    recorder, _ = record_three_rounds(tmp_path, wandb=True, wandb_mode="offline")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    recorder, _ = record_three_rounds(tmp_path, wandb=True)
     runs = list((recorder.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb"))
