@@ -6,12 +6,16 @@ which is 0 even when the ServerApp raised.
 """
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from mosaic_flwr.launch import LocalSuperLink, simulate
+from mosaic_flwr.launch import FLOWER_ENV, LocalSuperLink, _free_port, simulate
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,3 +151,40 @@ def test_too_few_good_clients_stop_the_run_clearly_and_keep_the_results(superlin
     assert "fewer than min-clients=8" in outcome.log
     summary = outcome.summary
     assert summary["status"] == "failed" and "min-clients=8" in summary["error"]
+
+
+def test_plain_flwr_run_after_the_readme_setup_uses_ten_clients(tmp_path):
+    """README: set the local federation to 10 SuperNodes once, then plain `flwr run .`."""
+    port, control = _free_port(), _free_port()
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(tmp_path / "flwr-home"),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control)}
+
+    def flwr(*args):
+        return subprocess.run(["flwr", *args], env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+    try:
+        setup = flwr("federation", "simulation-config", "--num-supernodes", "10",
+                     "--client-resources-num-cpus", "1")
+        assert "Updated simulation configuration" in setup.stdout, setup.stdout + setup.stderr
+        run = flwr("run", str(ROOT), "--stream", "--run-config",
+                   f"output-dir='{tmp_path}' run-name='plain' num-server-rounds=2")
+        run_id = next(line.rsplit(" ", 1)[-1] for line in run.stdout.splitlines()
+                      if "Successfully started run" in line)
+        status = json.loads(flwr("ls", "--run-id", run_id, "--format", "json").stdout)
+        assert status["runs"][0]["status"] == "finished:completed", run.stdout[-3000:]
+        summary = json.loads((tmp_path / "plain" / "summary.json").read_text())
+        assert summary["num_clients"] == 10 and len(summary["rounds"]) == 2
+        assert [m["clients_ok"] for m in metrics_lines(tmp_path / "plain")] == [10, 10]
+    finally:
+        # `flwr` detached the local SuperLink into its own session: stop it by PID.
+        found = subprocess.run(["pgrep", "-f", f"flower-superlink.*--port {port}"],
+                               capture_output=True, text=True, check=False)
+        for pid in map(int, found.stdout.split()):
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(50):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.2)
+            else:
+                os.killpg(pid, signal.SIGKILL)
