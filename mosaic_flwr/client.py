@@ -59,7 +59,6 @@ class LocalSetup:
         self.device = select_device(self.config.device)
         data = load_dataset(self.config.dataset, self.config.data_path)
         idx = client_indices(self.config, self.partition_id)
-        self.spec = data.spec
         self.images = torch.from_numpy(data.train_images[idx])
         self.labels = torch.from_numpy(data.train_labels[idx])
         self.transform = BatchTransform(data.spec, self.device)

@@ -80,9 +80,9 @@ def run_server(grid: Grid, context: Context) -> dict:
         raise
 
     random.seed(config.seed)  # Flower samples nodes with `random`
-    torch.manual_seed(config.seed)
-    initial_model = build_model(config.model, data.spec, config.model_width)
-    initial_arrays = ArrayRecord(initial_model.state_dict())
+    torch.manual_seed(config.seed)  # seeds the global model's initial weights
+    evaluator = CentralEvaluator(config)
+    initial_arrays = ArrayRecord(evaluator.model.state_dict())
 
     counts = label_counts(data.train_labels, partitions, data.spec.num_classes)
     recorder = RunRecorder(make_run_dir(config), config)
@@ -92,7 +92,6 @@ def run_server(grid: Grid, context: Context) -> dict:
         log(INFO, "partition %d: %d samples, label counts %s", pid, row.sum(), row.tolist())
 
     strategy = build_strategy(config)
-    evaluator = CentralEvaluator(config)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         loss, accuracy = evaluator(arrays)
