@@ -44,7 +44,8 @@ FLOWER_ENV = {
 }
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -64,7 +65,7 @@ class LocalSuperLink:
 
     def __init__(self, extra_env: dict[str, str] | None = None, startup_timeout: float = 60) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="mosaic-flwr-home-"))
-        self.port = _free_port()
+        self.port = free_port()
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), **(extra_env or {})}
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None

@@ -49,10 +49,17 @@ def screen_train_replies(
     and one MetricRecord with a positive ``weight_key`` and the same metric names
     as most other replies.
     """
+    return screen_replies(replies, lambda msg: _train_reply_problem(
+        msg, expected, arrays_key, weight_key))
+
+
+def screen_replies(replies: Iterable[Message], problem: Callable[[Message], str]
+                   ) -> tuple[list[Message], list[tuple[Message, str]]]:
+    """Split replies by ``problem`` (empty string: usable), then keep the common metric names."""
     usable: list[Message] = []
     rejected: list[tuple[Message, str]] = []
     for msg in replies:
-        reason = _train_reply_problem(msg, expected, arrays_key, weight_key)
+        reason = problem(msg)
         if reason:
             rejected.append((msg, reason))
         else:
@@ -178,15 +185,8 @@ class TolerantAggregation:
         The aggregate joins ``round_stats`` (e.g. ``local_accuracy``), so it lands
         in the round's line of ``metrics.jsonl``.
         """
-        usable: list[Message] = []
-        rejected: list[tuple[Message, str]] = []
-        for msg in replies:
-            reason = _error_problem(msg) or _metrics_problem(msg, self.weighted_by_key)
-            if reason:
-                rejected.append((msg, reason))
-            else:
-                usable.append(msg)
-        usable, rejected = _same_metric_keys(usable, rejected)
+        usable, rejected = screen_replies(replies, lambda msg: (
+            _error_problem(msg) or _metrics_problem(msg, self.weighted_by_key)))
         self._log_rejections(server_round, rejected)
         usable.sort(key=reply_partition_id)
         metrics = super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mosaic_flwr.launch import FLOWER_ENV, LocalSuperLink, _free_port, simulate
+from mosaic_flwr.launch import FLOWER_ENV, LocalSuperLink, free_port, simulate
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,7 +155,7 @@ def test_too_few_good_clients_stop_the_run_clearly_and_keep_the_results(superlin
 
 def test_plain_flwr_run_after_the_readme_setup_uses_ten_clients(tmp_path):
     """README: set the local federation to 10 SuperNodes once, then plain `flwr run .`."""
-    port, control = _free_port(), _free_port()
+    port, control = free_port(), free_port()
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(tmp_path / "flwr-home"),
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
            "FLWR_LOCAL_CONTROL_API_PORT": str(control)}
