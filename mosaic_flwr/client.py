@@ -3,10 +3,15 @@
 ``client_app/app.py`` routes Flower messages here. The run configuration comes
 with every message (the server resolved and validated it), so every node trains
 with the same settings; the node's own ``node_config`` says which partition it
-holds. Only model weights and aggregate metrics leave the client.
+holds. A strategy that needs more than local training says so in the message's
+``task`` record (:class:`~mosaic_flwr.records.TrainTask`): a scaled learning
+rate, label counts and prototypes, a trained generator. Only model weights,
+label counts, prototypes (k-means centres) and aggregate metrics leave the client.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -14,7 +19,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from .config import RunConfig
 from .data import BatchTransform, client_indices, load_dataset
 from .models import Classifier, build_model
-from .strategies import CLIENT_RECORD
+from .mosaic.client import client_generator, client_statistics
+from .mosaic.settings import MosaicSettings
+from .records import CLIENT_RECORD, GENERATOR_RECORD, STATS_RECORD, TrainTask
 from .training import TrainSettings, evaluate, select_device, train
 
 #: Keys the strategy adds to the run config in every message.
@@ -61,39 +68,67 @@ class LocalSetup:
         idx = client_indices(self.config, self.partition_id)
         self.images = torch.from_numpy(data.train_images[idx])
         self.labels = torch.from_numpy(data.train_labels[idx])
+        self.spec = data.spec
         self.transform = BatchTransform(data.spec, self.device)
         self.model: Classifier = build_model(self.config.model, data.spec, self.config.model_width)
         self.model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
         self.seed = round_seed(self.config, self.partition_id, self.server_round)
 
-    def reply(self, msg: Message, metrics: dict, with_model: bool) -> Message:
-        """A reply with the (trained) model if asked, the metrics and who sent it."""
+    def reply(self, msg: Message, metrics: dict, with_model: bool,
+              extra: dict[str, ArrayRecord] | None = None) -> Message:
+        """A reply with the (trained) model if asked, extra records, the metrics and the sender."""
         content = RecordDict({"metrics": MetricRecord(metrics),
                               CLIENT_RECORD: ConfigRecord({"partition-id": self.partition_id})})
         if with_model:
             content["arrays"] = ArrayRecord(self.model.to("cpu").state_dict())
+        for name, record in (extra or {}).items():
+            content[name] = record
         return Message(content, reply_to=msg)
 
 
-def train_settings(config: RunConfig) -> TrainSettings:
+def train_settings(config: RunConfig, learning_rate_scale: float = 1.0) -> TrainSettings:
     """Local-training settings; the proximal term is on only for FedProx."""
     return TrainSettings(
         epochs=config.local_epochs, batch_size=config.batch_size,
-        learning_rate=config.learning_rate, momentum=config.momentum,
+        learning_rate=config.learning_rate * learning_rate_scale, momentum=config.momentum,
         weight_decay=config.weight_decay,
         proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
         augment=config.augment, amp=config.amp)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Train the global model locally; reply with weights and training metrics."""
+    """Train the global model locally and reply with what the server's task asks for.
+
+    Prototypes are computed before training, with the received global model's
+    features; the generator is trained after it, against the trained local model.
+    """
     setup = LocalSetup(msg, context)
+    task = TrainTask.from_message(msg)
     torch.manual_seed(setup.seed)
-    generator = torch.Generator().manual_seed(setup.seed)
+    rng = torch.Generator().manual_seed(setup.seed)
+    extra: dict[str, ArrayRecord] = {}
+    metrics: dict[str, float] = {}
+    mosaic = MosaicSettings.from_mapping(task.settings)
+    if task.upload_stats:
+        start = time.monotonic()
+        extra[STATS_RECORD] = client_statistics(setup.model, setup.images, setup.labels,
+                                                setup.transform, setup.spec.num_classes, mosaic,
+                                                setup.device, rng)
+        metrics["stats-seconds"] = time.monotonic() - start
+    start = time.monotonic()
     result = train(setup.model, setup.images, setup.labels, setup.transform,
-                   train_settings(setup.config), setup.device, generator)
-    return setup.reply(msg, {"num-examples": result.num_examples, "train-loss": result.loss,
-                             "train-accuracy": result.accuracy}, with_model=True)
+                   train_settings(setup.config, task.learning_rate_scale), setup.device, rng)
+    metrics["train-seconds"] = time.monotonic() - start
+    if task.upload_generator:
+        start = time.monotonic()
+        extra[GENERATOR_RECORD], report = client_generator(
+            setup.model, setup.images, setup.transform, setup.spec, mosaic, setup.device, rng)
+        metrics["generator-seconds"] = time.monotonic() - start
+        metrics["generator-loss-first"] = report.first["total"]
+        metrics["generator-loss-last"] = report.last["total"]
+    metrics.update({"num-examples": result.num_examples, "train-loss": result.loss,
+                    "train-accuracy": result.accuracy})
+    return setup.reply(msg, metrics, with_model=True, extra=extra)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

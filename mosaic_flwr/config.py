@@ -20,6 +20,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from .mosaic.settings import MosaicSettings
+
+_MOSAIC = MosaicSettings()
+
 #: Folder of the named experiment presets shipped with the app.
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -72,6 +76,39 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     wandb: bool = False
     wandb_project: str = "mosaic-flwr"
     wandb_mode: str = ""
+    # Mosaic (strategy='mosaic'); defaults and meaning in mosaic/settings.py.
+    mosaic_warmup_rounds: int = _MOSAIC.warmup_rounds
+    mosaic_finetune_rounds: int = _MOSAIC.finetune_rounds
+    mosaic_finetune_lr_scale: float = _MOSAIC.finetune_lr_scale
+    mosaic_prototypes_per_class: int = _MOSAIC.prototypes_per_class
+    mosaic_prototype_min_cluster: int = _MOSAIC.prototype_min_cluster
+    mosaic_generator_steps: int = _MOSAIC.generator_steps
+    mosaic_generator_batch_size: int = _MOSAIC.generator_batch_size
+    mosaic_generator_lr: float = _MOSAIC.generator_lr
+    mosaic_generator_latent_dim: int = _MOSAIC.generator_latent_dim
+    mosaic_generator_width: int = _MOSAIC.generator_width
+    mosaic_adversarial_weight: float = _MOSAIC.adversarial_weight
+    mosaic_entropy_weight: float = _MOSAIC.entropy_weight
+    mosaic_diversity_weight: float = _MOSAIC.diversity_weight
+    mosaic_inversion_weight: float = _MOSAIC.inversion_weight
+    mosaic_inversion_max_samples: int = _MOSAIC.inversion_max_samples
+    mosaic_meta_model: bool = _MOSAIC.meta_model
+    mosaic_meta_epochs: int = _MOSAIC.meta_epochs
+    mosaic_meta_lr: float = _MOSAIC.meta_lr
+    mosaic_meta_batch_size: int = _MOSAIC.meta_batch_size
+    mosaic_meta_ema: float = _MOSAIC.meta_ema
+    mosaic_meta_dim: int = _MOSAIC.meta_dim
+    mosaic_meta_heads: int = _MOSAIC.meta_heads
+    mosaic_meta_dropout: float = _MOSAIC.meta_dropout
+    mosaic_expert_weighting: str = _MOSAIC.expert_weighting
+    mosaic_generators: bool = _MOSAIC.generators
+    mosaic_distill_steps: int = _MOSAIC.distill_steps
+    mosaic_distill_lr: float = _MOSAIC.distill_lr
+    mosaic_samples_per_generator: int = _MOSAIC.samples_per_generator
+    mosaic_temperature: float = _MOSAIC.temperature
+    mosaic_kl_weight: float = _MOSAIC.kl_weight
+    mosaic_ce_weight: float = _MOSAIC.ce_weight
+    mosaic_jsd_weight: float = _MOSAIC.jsd_weight
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -151,6 +188,10 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
                               "directory is not yours), or empty for the default")
         if "/" in self.run_name or self.run_name in (".", ".."):
             raise ConfigError("run-name", self.run_name, "must be a plain folder name")
+        mosaic = MosaicSettings.from_config(self)
+        mosaic.validate()
+        if self.strategy == "mosaic" and (problem := mosaic.schedule_problem(self.num_server_rounds)):
+            raise ConfigError("mosaic-warmup-rounds", self.mosaic_warmup_rounds, problem)
 
 
 def resolve_run_config(

@@ -257,7 +257,23 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--gpus-per-client", type=float, default=0.0,
                      help="fraction of a GPU per virtual client, e.g. 0.25 (needs CUDA)")
     sim.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder")
+    cmp_ = sub.add_parser("compare", help="run several methods over seeds (and alphas) and "
+                                          "write comparison.md/.csv/.png")
+    cmp_.add_argument("--methods", nargs="+", default=["fedavg", "mosaic"],
+                      help="named methods (fedavg, fedprox, mosaic, mosaic-no-meta, "
+                           "mosaic-noise-inputs, mosaic-uniform-experts, mosaic-no-distill) or "
+                           "'label:key=value key=value'")
+    cmp_.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    cmp_.add_argument("--alphas", type=float, nargs="+", default=None,
+                      help="Dirichlet alphas to sweep (default: the run config's)")
+    cmp_.add_argument("-c", "--run-config", action="append", default=[],
+                      help="run-config values shared by every method, TOML values")
+    cmp_.add_argument("--output-dir", type=Path, default=Path("outputs/comparison"))
+    cmp_.add_argument("--cpus-per-client", type=int, default=1)
+    cmp_.add_argument("--gpus-per-client", type=float, default=0.0)
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _compare(args)
     try:
         outcome = simulate(parse_overrides(args.run_config), app_dir=args.app,
                            output_dir=args.output_dir, cpus_per_client=args.cpus_per_client,
@@ -272,6 +288,30 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['best_accuracy']:.4f}, {summary['wall_seconds']:.1f}s")
         return 0
     return 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    # Imported here: compare builds on this module.
+    from .compare import parse_method, run_comparison  # pylint: disable=import-outside-toplevel
+
+    try:
+        methods = [parse_method(text) for text in args.methods]
+        base = parse_overrides(args.run_config)
+        for method in methods:  # fail in a second, before any run starts
+            for alpha in args.alphas or [None]:
+                overrides = {**base, **method.overrides}
+                if alpha is not None:
+                    overrides["dirichlet-alpha"] = alpha
+                resolve_run_config({**RunConfig().to_mapping(), **overrides}, explicit=overrides)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = run_comparison(methods, args.seeds, args.alphas or [None], base, args.output_dir,
+                          args.cpus_per_client, args.gpus_per_client)
+    report = (args.output_dir / "comparison.md").resolve()
+    print(report.read_text(encoding="utf-8"))
+    print(f"report: {report}")
+    return 0 if all(row["status"] == "finished:completed" for row in rows) else 1
 
 
 if __name__ == "__main__":

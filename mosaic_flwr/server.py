@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from logging import ERROR, INFO
+from typing import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -22,7 +23,7 @@ from .data import BatchTransform, DatasetUnavailableError, label_counts, load_da
 from .models import build_model
 from .results import RunRecorder, make_run_dir
 from .strategies import build_strategy
-from .training import evaluate, select_device
+from .training import evaluate, predictor_accuracy, select_device
 
 
 class FederationTooSmallError(RuntimeError):
@@ -68,6 +69,11 @@ class CentralEvaluator:
         return evaluate(self.model, self.images, self.labels, self.transform, self.device,
                         amp=self.config.amp)
 
+    def score(self, predict: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """Test accuracy of any predictor, e.g. Mosaic's teacher (reporting only)."""
+        return predictor_accuracy(predict, self.images, self.labels, self.transform,
+                                  self.device, amp=self.config.amp)
+
 
 def run_server(grid: Grid, context: Context) -> dict:
     """Run one experiment end to end and return its summary."""
@@ -91,7 +97,7 @@ def run_server(grid: Grid, context: Context) -> dict:
     for pid, row in enumerate(counts):
         log(INFO, "partition %d: %d samples, label counts %s", pid, row.sum(), row.tolist())
 
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, score_fn=evaluator.score)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         loss, accuracy = evaluator(arrays)

@@ -15,15 +15,14 @@ from logging import INFO, WARNING
 from typing import Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.supercore import log
 
 from .config import RunConfig
-
-#: Name of the ConfigRecord in which a client identifies itself in a reply.
-CLIENT_RECORD = "client"
+from .records import CLIENT_RECORD
 
 
 class NotEnoughRepliesError(RuntimeError):
@@ -49,7 +48,7 @@ def screen_train_replies(
     and one MetricRecord with a positive ``weight_key`` and the same metric names
     as most other replies.
     """
-    return screen_replies(replies, lambda msg: _train_reply_problem(
+    return screen_replies(replies, lambda msg: train_reply_problem(
         msg, expected, arrays_key, weight_key))
 
 
@@ -71,14 +70,27 @@ def _error_problem(msg: Message) -> str:
     return f"client error: {msg.error.reason}" if msg.has_error() else ""
 
 
-def _train_reply_problem(msg: Message, expected: dict[str, tuple[tuple[int, ...], str]],
-                         arrays_key: str, weight_key: str) -> str:
+def train_reply_problem(msg: Message, expected: dict[str, tuple[tuple[int, ...], str]],
+                        arrays_key: str, weight_key: str,
+                        extra_records: frozenset[str] = frozenset()) -> str:
+    """Why a training reply is unusable ('' when it is usable).
+
+    ``extra_records`` names the other ArrayRecords the reply may carry (their
+    content is for the strategy to check).
+    """
     if msg.has_error():
         return _error_problem(msg)
-    content = msg.content
-    if len(content.array_records) != 1 or arrays_key not in content.array_records:
-        return f"expected one ArrayRecord '{arrays_key}', got {list(content.array_records)}"
-    arrays = content.array_records[arrays_key]
+    names = set(msg.content.array_records)
+    if arrays_key not in names or names - {arrays_key} - extra_records:
+        allowed = f" (and optionally {sorted(extra_records)})" if extra_records else ""
+        what = "one ArrayRecord" if not extra_records else "ArrayRecord"
+        return f"expected {what} '{arrays_key}'{allowed}, got {sorted(names)}"
+    return (arrays_problem(msg.content.array_records[arrays_key], expected)
+            or _metrics_problem(msg, weight_key))
+
+
+def arrays_problem(arrays: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], str]]) -> str:
+    """Why ``arrays`` does not match the expected names, shapes and dtypes, or is not finite."""
     if set(arrays.keys()) != set(expected):
         missing, extra = set(expected) - set(arrays.keys()), set(arrays.keys()) - set(expected)
         return f"array names differ from the global model (missing {sorted(missing)[:3]}, " \
@@ -90,7 +102,31 @@ def _train_reply_problem(msg: Message, expected: dict[str, tuple[tuple[int, ...]
         values = array.numpy()
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             return f"array '{name}' holds NaN or infinite values"
-    return _metrics_problem(msg, weight_key)
+    return ""
+
+
+def array_signature(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of an ArrayRecord, what :func:`arrays_problem` checks against."""
+    return {name: (tuple(a.shape), a.dtype) for name, a in arrays.items()}
+
+
+def average_arrays(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
+    """Weighted average of ArrayRecords that keeps every array's dtype.
+
+    Flower's ``aggregate_arrayrecords`` turns integer arrays into float64
+    (BatchNorm's ``num_batches_tracked``), which then no longer match the
+    clients' replies; here integers are averaged, rounded and cast back.
+    """
+    total = float(sum(weights))
+    factors = [w / total for w in weights]
+    averaged = {}
+    for name, first in records[0].items():
+        acc = sum(f * r[name].numpy().astype(np.float64) for f, r in zip(factors, records))
+        dtype = first.numpy().dtype
+        if dtype.kind in "iub":
+            acc = np.rint(acc)
+        averaged[name] = Array(np.asarray(acc).astype(dtype))
+    return ArrayRecord(averaged)
 
 
 def _metrics_problem(msg: Message, weight_key: str) -> str:
@@ -151,17 +187,22 @@ class TolerantAggregation:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Remember what a valid reply must look like, then configure as usual."""
-        self._expected = {name: (tuple(a.shape), a.dtype) for name, a in arrays.items()}
+        self._expected = array_signature(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self._num_sent = len(messages)
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the usable replies, ordered by partition id (reproducible sums)."""
+    def reply_problem(self, server_round: int, msg: Message) -> str:  # pylint: disable=unused-argument
+        """Why a training reply is unusable ('' when usable); strategies expecting more extend it."""
+        return train_reply_problem(msg, self._expected, self.arrayrecord_key, self.weighted_by_key)
+
+    def screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The usable replies, ordered by partition id; logs and counts the others.
+
+        Raises :class:`NotEnoughRepliesError` when fewer than ``min_replies`` are usable.
+        """
         replies = list(replies)
-        usable, rejected = screen_train_replies(replies, self._expected, self.arrayrecord_key,
-                                                self.weighted_by_key)
+        usable, rejected = screen_replies(replies, lambda msg: self.reply_problem(server_round, msg))
         self._log_rejections(server_round, rejected)
         timed_out = max(0, self._num_sent - len(replies))
         if timed_out:
@@ -176,7 +217,21 @@ class TolerantAggregation:
                 f"{self._num_sent} sampled clients, fewer than min-clients={self.min_replies} "
                 f"({len(rejected)} failed or malformed, {timed_out} timed out); stopping the run")
         usable.sort(key=reply_partition_id)
-        return super().aggregate_train(server_round, usable)  # type: ignore[misc]
+        return usable
+
+    def average(self, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
+        """Sample-weighted average of the replies' models and of their metrics."""
+        records = [RecordDict({self.arrayrecord_key: m.content.array_records[self.arrayrecord_key],
+                               "metrics": next(iter(m.content.metric_records.values()))})
+                   for m in replies]
+        weights = [float(r["metrics"][self.weighted_by_key]) for r in records]  # type: ignore[index]
+        arrays = average_arrays([r.array_records[self.arrayrecord_key] for r in records], weights)
+        return arrays, self.train_metrics_aggr_fn(records, self.weighted_by_key)  # type: ignore[attr-defined]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the usable replies, in partition-id order (reproducible sums)."""
+        return self.average(self.screen_train(server_round, replies))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -222,12 +277,25 @@ def _sampling(config: RunConfig) -> dict:
     }
 
 
-STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
-    "fedavg": lambda config: TolerantFedAvg(**_sampling(config)),
-    "fedprox": lambda config: TolerantFedProx(proximal_mu=config.proximal_mu, **_sampling(config)),
+def _mosaic(config: RunConfig, score_fn: ScoreFn | None) -> Strategy:
+    # Imported here: the Mosaic package builds on this module.
+    from .mosaic.strategy import MosaicStrategy  # pylint: disable=import-outside-toplevel
+
+    return MosaicStrategy.from_config(config, score_fn=score_fn, **_sampling(config))
+
+
+#: Scores a predictor (classifier inputs -> logits) on held-out data; for reporting only.
+ScoreFn = Callable[[Callable[[torch.Tensor], torch.Tensor]], float]
+
+#: Strategy builders by name: ``builder(config, score_fn)``.
+STRATEGIES: dict[str, Callable[[RunConfig, ScoreFn | None], Strategy]] = {
+    "fedavg": lambda config, _: TolerantFedAvg(**_sampling(config)),
+    "fedprox": lambda config, _: TolerantFedProx(proximal_mu=config.proximal_mu,
+                                                 **_sampling(config)),
+    "mosaic": _mosaic,
 }
 
 
-def build_strategy(config: RunConfig) -> Strategy:
-    """The server-side strategy the config names."""
-    return STRATEGIES[config.strategy](config)
+def build_strategy(config: RunConfig, score_fn: ScoreFn | None = None) -> Strategy:
+    """The server-side strategy the config names (``score_fn`` feeds extra phase metrics)."""
+    return STRATEGIES[config.strategy](config, score_fn)

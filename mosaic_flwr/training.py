@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -116,3 +117,17 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         total_loss += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     return total_loss / len(labels), correct / len(labels)
+
+
+@torch.no_grad()
+def predictor_accuracy(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                       labels: torch.Tensor, transform: BatchTransform, device: torch.device,
+                       batch_size: int = 512, amp: bool = True) -> float:
+    """Accuracy of any predictor (classifier inputs -> logits), e.g. an ensemble of experts."""
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = transform(images[start:start + batch_size].to(device), train=False)
+        with autocast(device, amp):
+            logits = predict(x)
+        correct += int((logits.argmax(1) == labels[start:start + batch_size].to(device)).sum())
+    return correct / len(labels)

@@ -1,0 +1,225 @@
+"""``mosaic-flwr compare``: several methods x seeds (x alphas) in one invocation.
+
+Every method runs with the same base overrides, so partitions (a function of
+data set, partitioner, alpha, clients and seed), models and round budgets are
+identical across methods; the command checks that the partitions really are
+the same and says so in the report. Results go under one folder:
+
+- ``runs/<method>-alpha<a>-seed<s>/``: each run's own result folder;
+- ``comparison.csv``: one row per run;
+- ``comparison.md``: mean and sample standard deviation of the final accuracy
+  per method and setting, with the per-seed values;
+- ``comparison.png``: test accuracy per round, mean over seeds, per method.
+
+A method is a name from :data:`METHODS` (a strategy plus the overrides that
+define it, e.g. an ablation) or ``label:key=value key=value`` for one of your own.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .launch import LocalSuperLink, parse_overrides, simulate
+
+#: Named methods: run-config overrides that define each one.
+METHODS: dict[str, dict[str, Any]] = {
+    "fedavg": {"strategy": "fedavg"},
+    "fedprox": {"strategy": "fedprox"},
+    "mosaic": {"strategy": "mosaic"},
+    # Ablations of Mosaic: each switches one part off.
+    "mosaic-no-meta": {"strategy": "mosaic", "mosaic-meta-model": False},
+    "mosaic-noise-inputs": {"strategy": "mosaic", "mosaic-generators": False},
+    "mosaic-uniform-experts": {"strategy": "mosaic", "mosaic-expert-weighting": "uniform"},
+    "mosaic-no-distill": {"strategy": "mosaic", "mosaic-distill-steps": 0},
+}
+
+#: What each named method is, for the report.
+DESCRIPTIONS = {
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "mosaic": "Mosaic (experts + meta model + generators)",
+    "mosaic-no-meta": "Mosaic, meta model off (count-weighted expert ensemble as teacher)",
+    "mosaic-noise-inputs": "Mosaic, generators off (Gaussian noise as distillation inputs)",
+    "mosaic-uniform-experts": "Mosaic, experts mixed with uniform client weights",
+    "mosaic-no-distill": "Mosaic's schedule without distillation (FedAvg + fine-tuning lr)",
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A label and the run-config overrides that define the method."""
+
+    label: str
+    overrides: dict[str, Any]
+
+
+def parse_method(text: str) -> Method:
+    """``fedavg`` (a named method) or ``label:key=value key=value`` (your own)."""
+    if ":" not in text:
+        if text not in METHODS:
+            raise ValueError(f"unknown method {text!r}; named methods: {', '.join(METHODS)}, "
+                             f"or define one as 'label:strategy=\"...\" key=value'")
+        return Method(text, dict(METHODS[text]))
+    label, _, spec = text.partition(":")
+    label = label.strip()
+    if not label or "/" in label:
+        raise ValueError(f"method label {label!r} must be a plain name")
+    return Method(label, parse_overrides(spec.split()) if spec.strip() else {})
+
+
+def run_comparison(methods: list[Method], seeds: list[int], alphas: list[float | None],
+                   base: dict[str, Any], output_dir: Path, cpus_per_client: int = 1,
+                   gpus_per_client: float = 0.0) -> list[dict[str, Any]]:
+    """Run every (alpha, seed, method) and write the report; returns one row per run."""
+    output_dir = output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    with LocalSuperLink() as link:
+        for alpha in alphas:
+            for seed in seeds:
+                for method in methods:
+                    overrides = {**base, **method.overrides, "seed": seed,
+                                 "output-dir": str(output_dir / "runs"),
+                                 "run-name": _run_name(method.label, alpha, seed)}
+                    if alpha is not None:
+                        overrides["dirichlet-alpha"] = alpha
+                    print(f"[compare] {method.label} alpha={alpha} seed={seed}", flush=True)
+                    outcome = simulate(overrides, superlink=link, output_dir=output_dir,
+                                       cpus_per_client=cpus_per_client,
+                                       gpus_per_client=gpus_per_client)
+                    row = {"method": method.label, "alpha": alpha, "seed": seed,
+                           "status": outcome.status, "final_accuracy": None,
+                           "best_accuracy": None, "wall_seconds": None,
+                           "run_dir": str(outcome.run_dir)}
+                    if outcome.completed:
+                        summary = outcome.summary
+                        row.update(final_accuracy=summary["final_accuracy"],
+                                   best_accuracy=summary["best_accuracy"],
+                                   wall_seconds=summary["wall_seconds"])
+                    print(f"[compare] -> {row['status']}, final accuracy "
+                          f"{row['final_accuracy']}", flush=True)
+                    rows.append(row)
+                    write_report(rows, methods, base, output_dir)
+    return rows
+
+
+def _run_name(label: str, alpha: float | None, seed: int) -> str:
+    return f"{label}-alpha{alpha}-seed{seed}" if alpha is not None else f"{label}-seed{seed}"
+
+
+def write_report(rows: list[dict[str, Any]], methods: list[Method], base: dict[str, Any],
+                 output_dir: Path) -> None:
+    """``comparison.csv``, ``comparison.md`` and ``comparison.png`` from the rows so far."""
+    with (output_dir / "comparison.csv").open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (output_dir / "comparison.md").write_text(markdown_table(rows, methods, base),
+                                              encoding="utf-8")
+    plot_comparison(rows, output_dir / "comparison.png")
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[tuple[str, Any], dict[str, Any]]:
+    """Per (method, alpha): completed finals, their mean and sample std, failures."""
+    groups: dict[tuple[str, Any], dict[str, Any]] = defaultdict(
+        lambda: {"finals": [], "seeds": [], "failed": 0, "seconds": []})
+    for row in rows:
+        group = groups[(row["method"], row["alpha"])]
+        if row["final_accuracy"] is None:
+            group["failed"] += 1
+            continue
+        group["finals"].append(row["final_accuracy"])
+        group["seeds"].append(row["seed"])
+        group["seconds"].append(row["wall_seconds"])
+    for group in groups.values():
+        finals = group["finals"]
+        group["mean"] = statistics.mean(finals) if finals else None
+        group["std"] = statistics.stdev(finals) if len(finals) > 1 else 0.0 if finals else None
+    return dict(groups)
+
+
+def partitions_identical(rows: list[dict[str, Any]]) -> bool:
+    """Whether every run of one (alpha, seed) saw exactly the same client partitions."""
+    seen: dict[tuple[Any, int], str] = {}
+    for row in rows:
+        path = Path(row["run_dir"]) / "partitions.json"
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        key = (row["alpha"], row["seed"])
+        if seen.setdefault(key, text) != text:
+            return False
+    return True
+
+
+def markdown_table(rows: list[dict[str, Any]], methods: list[Method], base: dict[str, Any]) -> str:
+    """The comparison as a Markdown report."""
+    groups = summarise(rows)
+    alphas = list(dict.fromkeys(row["alpha"] for row in rows))
+    lines = ["# Comparison", "",
+             f"Common run config: `{json.dumps(base, sort_keys=True)}`  ",
+             f"Seeds: {sorted({row['seed'] for row in rows})}; partitions identical across "
+             f"methods for each seed: {'yes' if partitions_identical(rows) else 'NO'}.", "",
+             "| method | alpha | final accuracy (mean ± std) | per seed | runs | mean wall s |",
+             "|---|---|---|---|---|---|"]
+    for alpha in alphas:
+        for method in methods:
+            group = groups.get((method.label, alpha))
+            if group is None:
+                continue
+            mean = "n/a" if group["mean"] is None else f"{group['mean']:.4f} ± {group['std']:.4f}"
+            per_seed = ", ".join(f"{f:.4f}" for f in group["finals"])
+            runs = f"{len(group['finals'])}" + (f" (+{group['failed']} failed)" if group["failed"] else "")
+            secs = f"{statistics.mean(group['seconds']):.0f}" if group["seconds"] else "n/a"
+            lines.append(f"| {method.label} | {alpha if alpha is not None else base.get('dirichlet-alpha', '-')} "
+                         f"| {mean} | {per_seed} | {runs} | {secs} |")
+    lines += ["", "Methods:", ""]
+    for method in methods:
+        what = DESCRIPTIONS.get(method.label, "custom")
+        lines.append(f"- `{method.label}`: {what}; overrides `{json.dumps(method.overrides)}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
+    """Test accuracy per round, mean over seeds with a ±std band, one panel per alpha."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    curves: dict[Any, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        metrics = Path(row["run_dir"]) / "metrics.jsonl"
+        if row["final_accuracy"] is None or not metrics.is_file():
+            continue
+        accuracies = [json.loads(line)["accuracy"]
+                      for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        curves[row["alpha"]][row["method"]].append(accuracies)
+    if not curves:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
+    for axis, (alpha, by_method) in zip(axes[0], curves.items()):
+        for label, runs in by_method.items():
+            length = min(len(r) for r in runs)
+            means = [statistics.mean(r[i] for r in runs) for i in range(length)]
+            spread = [statistics.stdev(r[i] for r in runs) if len(runs) > 1 else 0.0
+                      for i in range(length)]
+            x = list(range(1, length + 1))
+            axis.plot(x, means, marker="o", markersize=3, label=label)
+            axis.fill_between(x, [m - s for m, s in zip(means, spread)],
+                              [m + s for m, s in zip(means, spread)], alpha=0.15)
+        axis.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1),
+                 title=f"alpha = {alpha}" if alpha is not None else "")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,55 @@
+"""What a client computes for Mosaic when the strategy asks: statistics and a generator.
+
+These functions work on tensors, so an existing ClientApp with its own data can
+call them directly; :func:`mosaic_flwr.client.handle_train` calls them for this
+project's ClientApp. Only aggregates leave the client: label counts, k-means
+centres of features, and generator weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Array, ArrayRecord
+from torch import nn
+
+from ..data.augment import BatchTransform
+from ..data.datasets import DatasetSpec
+from ..records import LABEL_COUNTS, PROTOTYPE_LABELS, PROTOTYPES
+from .generator import GeneratorReport, build_generator, train_generator
+from .prototypes import prototype_centres
+from .settings import MosaicSettings
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: torch.Tensor, transform: BatchTransform,
+                     device: torch.device, batch_size: int = 512) -> torch.Tensor:
+    """Penultimate features of ``images`` (in [0, 1]) under ``model``, on the CPU."""
+    model.to(device).eval()
+    chunks = [model.features(transform(images[i:i + batch_size].to(device), train=False)).float().cpu()
+              for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.feature_dim)
+
+
+def client_statistics(global_model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      transform: BatchTransform, num_classes: int, settings: MosaicSettings,
+                      device: torch.device, rng: torch.Generator) -> ArrayRecord:
+    """Label counts and per-class prototypes under the received global model's features."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    features = extract_features(global_model, images, transform, device)
+    centres, centre_labels = prototype_centres(
+        features, labels, num_classes, settings.prototypes_per_class,
+        settings.prototype_min_cluster, rng)
+    return ArrayRecord({
+        LABEL_COUNTS: Array(counts.numpy().astype("int64")),
+        PROTOTYPES: Array(centres.numpy().astype("float32")),
+        PROTOTYPE_LABELS: Array(centre_labels.numpy().astype("int64")),
+    })
+
+
+def client_generator(classifier: nn.Module, images: torch.Tensor, transform: BatchTransform,
+                     spec: DatasetSpec, settings: MosaicSettings, device: torch.device,
+                     rng: torch.Generator) -> tuple[ArrayRecord, GeneratorReport]:
+    """Train this client's generator against its (trained) classifier; its weights and report."""
+    generator = build_generator(spec, settings)
+    report = train_generator(generator, classifier, images, transform, settings, device, rng)
+    return ArrayRecord(generator.to("cpu").state_dict()), report

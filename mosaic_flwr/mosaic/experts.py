@@ -1,0 +1,89 @@
+"""Per-class experts: client models averaged with each client's count of one class.
+
+With K clients and C classes, expert c's parameters are
+``sum_k w[k, c] * theta_k`` where ``w[k, c] = n[k, c] / sum_j n[j, c]``: clients
+that hold much of class c dominate expert c. The experts share one architecture,
+so their parameters are stacked along a leading expert axis and all of them run
+in one batched call (``torch.func.functional_call`` under ``torch.func.vmap``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+
+def expert_weights(counts: torch.Tensor, weighting: str = "counts") -> torch.Tensor:
+    """(K, C) mixing weights whose columns sum to 1, from (K, C) label counts.
+
+    ``counts``: column c is each client's share of class c. A class no client
+    holds gets the sample-weighted (FedAvg) average. ``uniform``: every expert
+    is the plain average of the client models (the ablation of count weighting).
+    """
+    counts = counts.double()
+    num_clients, num_classes = counts.shape
+    if weighting == "uniform":
+        return torch.full((num_clients, num_classes), 1.0 / num_clients, dtype=torch.float64)
+    if weighting != "counts":
+        raise ValueError(f"unknown expert weighting {weighting!r}")
+    per_class = counts.sum(0, keepdim=True)
+    sizes = counts.sum(1, keepdim=True)
+    fallback = (sizes / sizes.sum()).expand(-1, num_classes)
+    return torch.where(per_class > 0, counts / per_class.clamp_min(1), fallback)
+
+
+def class_experts(states: list[Mapping[str, torch.Tensor]], weights: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+    """Stacked expert state: each entry has a leading axis of size C (one per expert).
+
+    Floating-point entries are mixed with ``weights`` (K, C); integer entries
+    (BatchNorm's ``num_batches_tracked``) are copied from the first client.
+    """
+    if len(states) != weights.shape[0]:
+        raise ValueError(f"{len(states)} client states but weights for {weights.shape[0]} clients")
+    num_experts = weights.shape[1]
+    experts: dict[str, torch.Tensor] = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            stacked = torch.stack([s[name].double() for s in states])  # (K, ...)
+            mixed = torch.einsum("kc,k...->c...", weights.double(), stacked)
+            experts[name] = mixed.to(first.dtype)
+        else:
+            experts[name] = first.unsqueeze(0).expand(num_experts, *first.shape).clone()
+    return experts
+
+
+def expert_logits(model: nn.Module, experts: Mapping[str, torch.Tensor], x: torch.Tensor
+                  ) -> torch.Tensor:
+    """Logits of every expert on ``x``: shape (C_experts, batch, classes), one vmapped call.
+
+    ``model`` only supplies the architecture; it must be in eval mode (BatchNorm
+    uses the experts' running statistics, which vmap cannot update in place).
+    """
+    if model.training:
+        raise ValueError("put the template model in eval mode before evaluating experts")
+
+    def run(state: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, state, (inputs,))
+
+    return vmap(run, in_dims=(0, None))(dict(experts), x)
+
+
+def head_logits(experts: Mapping[str, torch.Tensor], features: torch.Tensor,
+                head: str = "head") -> torch.Tensor:
+    """Each expert's classifier head applied to feature vectors: (batch, C_experts, classes).
+
+    This is how the meta model sees prototypes: a prototype is a feature vector,
+    so only the experts' last linear layer runs on it.
+    """
+    weight, bias = experts[f"{head}.weight"], experts[f"{head}.bias"]  # (E, C, D), (E, C)
+    return torch.einsum("bd,ecd->bec", features.to(weight.dtype), weight) + bias.unsqueeze(0)
+
+
+def ensemble_logits(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted average over experts of (batch, E, C) logits with (E,) weights."""
+    weights = (weights / weights.sum()).to(logits.dtype)
+    return torch.einsum("bec,e->bc", logits, weights)

@@ -1,0 +1,145 @@
+"""Mosaic's hyper-parameters and round schedule, with the reference code's values.
+
+Each field ``x_y`` is the run-config key ``mosaic-x-y`` (``RunConfig`` takes its
+defaults from here). Defaults follow the reference code where they are sound;
+where this project differs (shorter generator training and distillation, a
+larger distillation learning rate) the comment says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+#: Ways to mix client models into per-class experts.
+EXPERT_WEIGHTINGS = ("counts", "uniform")
+
+#: Round phases of a Mosaic run.
+WARMUP, DISTILL, FINETUNE = "warmup", "distill", "finetune"
+
+
+@dataclass(frozen=True)
+class MosaicSettings:  # pylint: disable=too-many-instance-attributes
+    """Everything Mosaic needs beyond a FedAvg run; see the README's key table."""
+
+    # Schedule: warm-up FedAvg rounds, one distillation round, fine-tuning rounds.
+    # -1 fine-tuning rounds means "every round left in num-server-rounds".
+    warmup_rounds: int = 15
+    finetune_rounds: int = -1
+    finetune_lr_scale: float = 0.1  # reference: client lr 0.01 -> 1e-4 after distillation
+    # Prototypes: k-means centres per class of the global model's features.
+    prototypes_per_class: int = 10
+    prototype_min_cluster: int = 2  # a centre averages at least this many samples
+    # Client generators (reference: DCGAN, z = 100, ngf = 64, Adam 2e-4, betas 0.5/0.999).
+    generator_steps: int = 200
+    generator_batch_size: int = 64
+    generator_lr: float = 2e-4
+    generator_latent_dim: int = 100
+    generator_width: int = 64
+    adversarial_weight: float = 1.0
+    entropy_weight: float = 1.0
+    diversity_weight: float = 1.0
+    inversion_weight: float = 1.0
+    inversion_max_samples: int = 1000  # clients with fewer samples add the BN inversion term
+    # Meta model (reference: Adam 1e-3, EMA 0.99, batches of 128, d_model C*C, 10 heads).
+    meta_model: bool = True
+    meta_epochs: int = 100
+    meta_lr: float = 1e-3
+    meta_batch_size: int = 128
+    meta_ema: float = 0.99
+    meta_dim: int = 100
+    meta_heads: int = 10
+    meta_dropout: float = 0.2
+    # Experts and distillation (reference: 32 samples per generator, T = 1,
+    # 0.8 KL + 0.2 CE + 1.0 JSD, 1500 Adam steps at 1e-4 on ResNet-18).
+    expert_weighting: str = "counts"
+    generators: bool = True
+    distill_steps: int = 300
+    distill_lr: float = 1e-3  # small models from few rounds move further than a converged ResNet
+    samples_per_generator: int = 32
+    temperature: float = 1.0
+    kl_weight: float = 0.8
+    ce_weight: float = 0.2
+    jsd_weight: float = 1.0
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def distill_round(self) -> int:
+        """The round in which generators and prototypes are collected and the teacher distilled."""
+        return self.warmup_rounds + 1
+
+    def phase(self, server_round: int) -> str:
+        """``warmup``, ``distill`` or ``finetune`` for a round (1-based)."""
+        if server_round < self.distill_round:
+            return WARMUP
+        return DISTILL if server_round == self.distill_round else FINETUNE
+
+    def schedule_problem(self, num_rounds: int) -> str:
+        """Why the schedule does not fit ``num_rounds`` rounds ('' when it fits)."""
+        needed = self.warmup_rounds + 1 + max(self.finetune_rounds, 0)
+        if self.finetune_rounds == -1 and needed <= num_rounds:
+            return ""
+        if self.finetune_rounds >= 0 and needed == num_rounds:
+            return ""
+        finetune = "the rest" if self.finetune_rounds == -1 else self.finetune_rounds
+        return (f"Mosaic's schedule is {self.warmup_rounds} warm-up + 1 distillation + "
+                f"{finetune} fine-tuning rounds but num-server-rounds={num_rounds}; every Mosaic "
+                f"round counts within num-server-rounds, so set mosaic-warmup-rounds <= "
+                f"{num_rounds - 1} and mosaic-finetune-rounds to the rest (or -1)")
+
+    # ------------------------------------------------------------ run config
+    @classmethod
+    def from_config(cls, config: Any) -> "MosaicSettings":
+        """The settings held in a :class:`~mosaic_flwr.config.RunConfig`."""
+        return cls(**{f.name: getattr(config, "mosaic_" + f.name) for f in fields(cls)})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "MosaicSettings":
+        """Settings from ``{field: value}`` (as they travel to clients); unknown names ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_mapping(self) -> dict[str, Any]:
+        """``{field: value}``, plain values only (fits a Flower ConfigRecord)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` (naming the ``mosaic-*`` key) for the first bad value."""
+        # Imported here: config.py reads this module's defaults at import time.
+        from ..config import ConfigError  # pylint: disable=import-outside-toplevel
+
+        def key(name: str) -> str:
+            return "mosaic-" + name.replace("_", "-")
+
+        for name in ("prototypes_per_class", "prototype_min_cluster", "generator_steps",
+                     "generator_batch_size", "generator_latent_dim", "generator_width",
+                     "meta_batch_size", "meta_dim", "meta_heads", "samples_per_generator"):
+            if getattr(self, name) < 1:
+                raise ConfigError(key(name), getattr(self, name), "must be an integer >= 1")
+        for name in ("warmup_rounds", "meta_epochs", "distill_steps", "inversion_max_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(key(name), getattr(self, name), "must be an integer >= 0")
+        if self.finetune_rounds < -1:
+            raise ConfigError(key("finetune_rounds"), self.finetune_rounds,
+                              "must be >= 0, or -1 for the rounds left")
+        for name in ("finetune_lr_scale", "generator_lr", "meta_lr", "distill_lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(key(name), getattr(self, name), "must be > 0")
+        for name in ("adversarial_weight", "entropy_weight", "diversity_weight",
+                     "inversion_weight", "kl_weight", "ce_weight", "jsd_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(key(name), getattr(self, name), "must be >= 0")
+        if self.kl_weight + self.ce_weight + self.jsd_weight == 0:
+            raise ConfigError(key("kl_weight"), self.kl_weight,
+                              "kl, ce and jsd weights are all 0: distillation would learn nothing")
+        if not 0 <= self.meta_ema < 1:
+            raise ConfigError(key("meta_ema"), self.meta_ema, "must be in [0, 1)")
+        if not 0 <= self.meta_dropout < 1:
+            raise ConfigError(key("meta_dropout"), self.meta_dropout, "must be in [0, 1)")
+        if self.meta_dim % self.meta_heads:
+            raise ConfigError(key("meta_dim"), self.meta_dim,
+                              f"must be divisible by mosaic-meta-heads ({self.meta_heads})")
+        if self.expert_weighting not in EXPERT_WEIGHTINGS:
+            raise ConfigError(key("expert_weighting"), self.expert_weighting,
+                              f"must be one of {', '.join(EXPERT_WEIGHTINGS)}")

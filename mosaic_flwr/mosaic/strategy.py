@@ -1,0 +1,303 @@
+"""MosaicStrategy: FedAvg warm-up, one distillation round, FedAvg fine-tuning.
+
+Round by round, inside ``num_rounds`` (every Mosaic round counts):
+
+1. warm-up rounds ``1 .. W``: FedAvg (clients train, the server averages);
+2. the distillation round ``W + 1``: clients train as usual and also send their
+   label counts, per-class feature prototypes and a freshly trained image
+   generator. The server averages the classifiers (the student's start), builds
+   one expert per class from the client models weighted by their counts of that
+   class, trains the meta model on the prototypes through the experts' heads,
+   and distils the teacher (meta model over experts) into the student on
+   batches drawn from every generator;
+3. fine-tuning rounds: FedAvg at the learning rate scaled by
+   ``finetune_lr_scale``.
+
+Clients learn what to do from a ``task`` record in each instruction
+(:class:`~mosaic_flwr.records.TrainTask`), so the strategy drops into any
+ServerApp whose ClientApp calls :func:`mosaic_flwr.client.handle_train` (or the
+tensor-level functions in :mod:`mosaic_flwr.mosaic.client`).
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from typing import Callable, Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.supercore import log
+from torch import nn
+
+from ..config import RunConfig
+from ..data.datasets import DATASETS
+from ..models import Classifier, build_model
+from ..records import (GENERATOR_RECORD, LABEL_COUNTS, PROTOTYPE_LABELS, PROTOTYPES, STATS_RECORD,
+                       TASK_RECORD, TrainTask)
+from ..strategies import (ScoreFn, TolerantAggregation, array_signature, arrays_problem,
+                          train_reply_problem)
+from .distill import DistillWeights, distill_into
+from ..training import select_device
+from .experts import class_experts, ensemble_logits, expert_logits, expert_weights, head_logits
+from .generator import build_generator
+from .meta import MetaModel, train_meta_model
+from .settings import DISTILL, FINETUNE, MosaicSettings
+
+class MosaicStrategy(TolerantAggregation, FedAvg):
+    """Mosaic (Liu et al. 2025): mixture-of-experts teacher distilled with client generators.
+
+    Parameters
+    ----------
+    model_fn : Callable[[], Classifier]
+        Builds the global model: a module with ``features(x)`` and a linear
+        ``head`` (every :mod:`mosaic_flwr.models` model is one).
+    generator_fn : Callable[[], nn.Module]
+        Builds the clients' generator (to load the uploaded weights); it must
+        have ``sample(n, generator)`` returning classifier inputs. See
+        :func:`mosaic_flwr.mosaic.generator.build_generator`.
+    settings : MosaicSettings (default: MosaicSettings())
+        Schedule and hyper-parameters; sent to clients in each ``task`` record.
+    device : str or torch.device (default: "cpu")
+        Where the server builds experts, trains the meta model and distils.
+    amp : bool (default: True)
+        Mixed precision for distillation on CUDA (no effect on the CPU).
+    seed : int (default: 0)
+        Seeds the server's sampling (prototype batches, generator latents).
+    score_fn : ScoreFn, optional
+        Scores a predictor on held-out data; when given, the teacher's, the
+        expert ensemble's and the student's accuracy before and after
+        distillation are recorded. Never used for training.
+    **kwargs
+        Passed to :class:`~mosaic_flwr.strategies.TolerantAggregation` and
+        Flower's ``FedAvg`` (``min_replies``, ``fraction_train``,
+        ``min_train_nodes``, ``min_available_nodes``, ...).
+    """
+
+    def __init__(self, model_fn: Callable[[], Classifier], generator_fn: Callable[[], nn.Module],
+                 settings: MosaicSettings | None = None, *, device: str | torch.device = "cpu",
+                 amp: bool = True, seed: int = 0, score_fn: ScoreFn | None = None,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings or MosaicSettings()
+        self.settings.validate()
+        self.model_fn = model_fn
+        self.generator_fn = generator_fn
+        self.device = torch.device(device)
+        self.amp = amp
+        self.seed = seed
+        self.score_fn = score_fn
+        template = model_fn()
+        self.num_classes = int(template.head.out_features)
+        self.feature_dim = int(template.head.in_features)
+        generator = generator_fn().eval()
+        self._generator_signature = array_signature(ArrayRecord(generator.state_dict()))
+        with torch.no_grad():
+            self.input_shape = tuple(generator.sample(1).shape[1:])
+
+    @classmethod
+    def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
+                    **kwargs) -> "MosaicStrategy":
+        """The strategy for a run config: its data set, model, generator and settings."""
+        spec = DATASETS[config.dataset]
+        settings = MosaicSettings.from_config(config)
+        return cls(lambda: build_model(config.model, spec, config.model_width),
+                   lambda: build_generator(spec, settings), settings,
+                   device=select_device(config.device), amp=config.amp, seed=config.seed,
+                   score_fn=score_fn, **kwargs)
+
+    # ------------------------------------------------------------------ Flower API
+    def summary(self) -> None:
+        """Log Mosaic's schedule and main settings, then FedAvg's summary."""
+        s = self.settings
+        finetune = "rest" if s.finetune_rounds == -1 else s.finetune_rounds
+        log(INFO, "\t├──> Mosaic: %d warm-up rounds, distillation in round %d, fine-tuning: %s "
+            "(lr x %g)", s.warmup_rounds, s.distill_round, finetune, s.finetune_lr_scale)
+        log(INFO, "\t│\t├──Experts: weighting %s; meta model %s; inputs %s", s.expert_weighting,
+            "on" if s.meta_model else "off (count-weighted ensemble)",
+            "client generators" if s.generators else "Gaussian noise")
+        log(INFO, "\t│\t└──Distillation: %d steps, Adam %g, %d samples per generator, T=%g, "
+            "KL %g + CE %g + JSD %g", s.distill_steps, s.distill_lr, s.samples_per_generator,
+            s.temperature, s.kl_weight, s.ce_weight, s.jsd_weight)
+        super().summary()
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
+              ) -> Result:
+        """Check that the schedule fits ``num_rounds``, then run Flower's round loop."""
+        problem = self.settings.schedule_problem(num_rounds)
+        if problem:
+            raise ValueError(problem)
+        return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
+                             timeout=timeout, train_config=train_config,
+                             evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
+
+    def task_for(self, server_round: int) -> TrainTask:
+        """What clients are asked to do in a round."""
+        phase = self.settings.phase(server_round)
+        distill = phase == DISTILL
+        return TrainTask(
+            phase=phase,
+            learning_rate_scale=self.settings.finetune_lr_scale if phase == FINETUNE else 1.0,
+            upload_stats=distill,
+            upload_generator=distill and self.settings.generators,
+            settings=self.settings.to_mapping() if distill else {})
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """FedAvg's instructions plus this round's ``task`` record."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        task = self.task_for(server_round).to_record()
+        for msg in messages:
+            msg.content[TASK_RECORD] = task
+        return messages
+
+    def reply_problem(self, server_round: int, msg: Message) -> str:
+        """In the distillation round a reply must also carry valid stats (and a generator)."""
+        task = self.task_for(server_round)
+        if not (task.upload_stats or task.upload_generator):
+            return super().reply_problem(server_round, msg)
+        extra = frozenset({STATS_RECORD} | ({GENERATOR_RECORD} if task.upload_generator else set()))
+        problem = train_reply_problem(msg, self._expected, self.arrayrecord_key,
+                                      self.weighted_by_key, extra)
+        if problem:
+            return problem
+        records = msg.content.array_records
+        if any(name not in records for name in extra):
+            return f"the distillation round needs records {sorted(extra)}, got {sorted(records)}"
+        if task.upload_generator:
+            problem = arrays_problem(records[GENERATOR_RECORD], self._generator_signature)
+            if problem:
+                return f"generator: {problem}"
+        return self._stats_problem(records[STATS_RECORD])
+
+    def _stats_problem(self, stats: ArrayRecord) -> str:
+        if set(stats.keys()) != {LABEL_COUNTS, PROTOTYPES, PROTOTYPE_LABELS}:
+            return f"stats must hold {LABEL_COUNTS}, {PROTOTYPES}, {PROTOTYPE_LABELS}; " \
+                   f"got {sorted(stats.keys())}"
+        counts = stats[LABEL_COUNTS].numpy()
+        protos = stats[PROTOTYPES].numpy()
+        proto_labels = stats[PROTOTYPE_LABELS].numpy()
+        if counts.shape != (self.num_classes,) or counts.dtype.kind not in "iu" or (counts < 0).any():
+            return f"{LABEL_COUNTS} must be {self.num_classes} non-negative integers"
+        if protos.ndim != 2 or protos.shape[1] != self.feature_dim or protos.dtype.kind != "f":
+            return f"{PROTOTYPES} must be float (P, {self.feature_dim}), got {protos.shape}"
+        if not torch.isfinite(torch.from_numpy(protos)).all():
+            return f"{PROTOTYPES} hold NaN or infinite values"
+        if proto_labels.shape != (len(protos),) or (proto_labels < 0).any() \
+                or (proto_labels >= self.num_classes).any():
+            return f"{PROTOTYPE_LABELS} must hold one class in 0..{self.num_classes - 1} per prototype"
+        return ""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg; in the distillation round, then distil the teacher into the average."""
+        usable = self.screen_train(server_round, replies)
+        arrays, metrics = self.average(usable)
+        stats = self.round_stats[server_round]
+        stats["phase"] = self.settings.phase(server_round)
+        if stats["phase"] == DISTILL:
+            arrays, distill_stats = self.distill_round(usable, arrays)
+            stats.update(distill_stats)
+        return arrays, metrics
+
+    # ------------------------------------------------------------ the Mosaic step
+    def distill_round(self, replies: list[Message], global_arrays: ArrayRecord
+                      ) -> tuple[ArrayRecord, dict[str, float]]:
+        """Experts, meta model and distillation from the distillation round's replies."""
+        s, device = self.settings, self.device
+        rng = torch.Generator().manual_seed(self.seed)
+        stats: dict[str, float] = {}
+        start = time.monotonic()
+
+        counts = torch.stack([torch.from_numpy(m.content[STATS_RECORD][LABEL_COUNTS].numpy())
+                              for m in replies])
+        weights = expert_weights(counts, s.expert_weighting)
+        states = [m.content[self.arrayrecord_key].to_torch_state_dict() for m in replies]
+        experts = {k: v.to(device) for k, v in class_experts(states, weights).items()}
+        template = self.model_fn().to(device).eval()
+        class_share = counts.sum(0).double().to(device)
+        stats["experts_seconds"] = time.monotonic() - start
+
+        start = time.monotonic()
+        protos = torch.cat([torch.from_numpy(m.content[STATS_RECORD][PROTOTYPES].numpy())
+                            for m in replies]).to(device)
+        proto_labels = torch.cat([torch.from_numpy(m.content[STATS_RECORD][PROTOTYPE_LABELS].numpy())
+                                  for m in replies]).to(device)
+        stats["num_prototypes"] = len(protos)
+        with torch.no_grad():
+            proto_logits = head_logits(experts, protos).float()
+
+        def ensemble(logits: torch.Tensor) -> torch.Tensor:
+            return ensemble_logits(logits, class_share)
+
+        fuse: Callable[[torch.Tensor], torch.Tensor] = ensemble
+        if s.meta_model and len(protos) > 0:
+            log(INFO, "[mosaic] training the meta model on %d prototypes from %d clients",
+                len(protos), len(replies))
+            meta = MetaModel(weights.shape[1], self.num_classes, s.meta_dim, s.meta_heads,
+                             s.meta_dropout).to(device)
+            fuse = train_meta_model(meta, proto_logits, proto_labels, epochs=s.meta_epochs,
+                                    lr=s.meta_lr, batch_size=s.meta_batch_size,
+                                    ema_decay=s.meta_ema, rng=rng,
+                                    log_every=max(1, s.meta_epochs // 5))
+        if len(protos):
+            with torch.no_grad():
+                stats["ensemble_prototype_accuracy"] = _accuracy(ensemble(proto_logits), proto_labels)
+                stats["meta_prototype_accuracy"] = _accuracy(fuse(proto_logits), proto_labels)
+        stats["meta_seconds"] = time.monotonic() - start
+
+        def teacher(x: torch.Tensor) -> torch.Tensor:
+            return fuse(expert_logits(template, experts, x).permute(1, 0, 2))
+
+        start = time.monotonic()
+        student = self.model_fn().to(device)
+        student.load_state_dict(global_arrays.to_torch_state_dict())
+        sample = self._sampler(replies, rng)
+        if self.score_fn is not None:
+            student.eval()
+            stats["student_accuracy_before"] = self.score_fn(student)
+            stats["teacher_accuracy"] = self.score_fn(teacher)
+            stats["ensemble_accuracy"] = self.score_fn(
+                lambda x: ensemble(expert_logits(template, experts, x).permute(1, 0, 2)))
+        log(INFO, "[mosaic] distilling the teacher into the global model: %d steps, %d inputs "
+            "per step", s.distill_steps, s.samples_per_generator * len(replies))
+        history = distill_into(
+            student, teacher, sample, steps=s.distill_steps, lr=s.distill_lr,
+            weights=DistillWeights(s.kl_weight, s.ce_weight, s.jsd_weight, s.temperature),
+            device=device, amp=self.amp, log_every=max(1, s.distill_steps // 10))
+        if history:
+            tail = history[-max(1, len(history) // 10):]
+            stats["distill_loss_first"] = history[0]["loss"]
+            stats["distill_loss_last"] = sum(h["loss"] for h in tail) / len(tail)
+        if self.score_fn is not None:
+            stats["student_accuracy_after"] = self.score_fn(student)
+        stats["distill_seconds"] = time.monotonic() - start
+        log(INFO, "[mosaic] distillation round: %s", ", ".join(
+            f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))
+        return ArrayRecord(student.to("cpu").state_dict()), stats
+
+    def _sampler(self, replies: list[Message], rng: torch.Generator
+                 ) -> Callable[[], torch.Tensor]:
+        """Draws one distillation batch: ``samples_per_generator`` from every generator,
+        or as many Gaussian-noise inputs when generators are off."""
+        n = self.settings.samples_per_generator
+        if not self.settings.generators:
+            shape = (n * len(replies), *self.input_shape)
+            return lambda: torch.randn(shape, generator=rng).to(self.device)
+        generators = []
+        for msg in replies:
+            generator = self.generator_fn()
+            generator.load_state_dict(msg.content[GENERATOR_RECORD].to_torch_state_dict())
+            generators.append(generator.to(self.device).eval())
+        return lambda: torch.cat([g.sample(n, rng) for g in generators])
+
+
+@torch.no_grad()
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean())
+

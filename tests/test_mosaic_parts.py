@@ -1,0 +1,293 @@
+"""Mosaic's pure parts: experts, prototypes, meta model, generator, distillation, schedule."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mosaic_flwr.config import ConfigError, RunConfig
+from mosaic_flwr.data.augment import BatchTransform
+from mosaic_flwr.data.datasets import DATASETS, load_dataset
+from mosaic_flwr.models import build_model
+from mosaic_flwr.mosaic.distill import DistillWeights, distill_into, distillation_loss
+from mosaic_flwr.mosaic.experts import (class_experts, ensemble_logits, expert_logits,
+                                        expert_weights, head_logits)
+from mosaic_flwr.mosaic.generator import (BatchNormStatistics, Discriminator, GeneratorWeights,
+                                          ImageGenerator, generator_objective, train_generator)
+from mosaic_flwr.mosaic.meta import MetaModel, train_meta_model
+from mosaic_flwr.mosaic.prototypes import kmeans, prototype_centres
+from mosaic_flwr.mosaic.settings import DISTILL, FINETUNE, WARMUP, MosaicSettings
+from mosaic_flwr.training import TrainSettings, train
+
+DIGITS = DATASETS["digits"]
+
+
+# ------------------------------------------------------------------------ experts
+def test_each_expert_is_the_count_weighted_average_of_the_client_models():
+    counts = torch.tensor([[6, 0, 1], [2, 0, 3], [0, 0, 0]])  # class 1: nobody; client 2: empty
+    counts[2] = torch.tensor([0, 0, 4])
+    states = [{"w": torch.full((2,), float(v)), "steps": torch.tensor(7 + v)} for v in (1, 10, 100)]
+    experts = class_experts(states, expert_weights(counts))
+    assert experts["w"].shape == (3, 2)
+    assert torch.allclose(experts["w"][0], torch.full((2,), (6 * 1 + 2 * 10) / 8))
+    assert torch.allclose(experts["w"][2], torch.full((2,), (1 * 1 + 3 * 10 + 4 * 100) / 8))
+    # A class no client holds gets the sample-weighted (FedAvg) average.
+    sizes = counts.sum(1).double()
+    fedavg = float((sizes * torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)).sum() / sizes.sum())
+    assert torch.allclose(experts["w"][1], torch.full((2,), fedavg))
+    # Integer buffers are copied, not averaged into floats.
+    assert experts["steps"].dtype == torch.int64 and experts["steps"].tolist() == [8, 8, 8]
+
+
+def test_uniform_weighting_makes_every_expert_the_plain_average():
+    counts = torch.tensor([[9, 0], [1, 5]])
+    weights = expert_weights(counts, "uniform")
+    experts = class_experts([{"w": torch.tensor([0.0])}, {"w": torch.tensor([4.0])}], weights)
+    assert experts["w"].flatten().tolist() == [2.0, 2.0]
+    with pytest.raises(ValueError, match="unknown expert weighting"):
+        expert_weights(counts, "median")
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "resnet8"])
+def test_vmapped_experts_match_a_loop_over_the_experts(model_name):
+    torch.manual_seed(0)
+    clients = [build_model(model_name, DIGITS) for _ in range(3)]
+    for client in clients:  # non-trivial BatchNorm statistics
+        client.train()
+        client(torch.randn(16, 1, 8, 8) * 2 + 0.5)
+    counts = torch.tensor([[5, 1, 0, 2], [0, 4, 1, 2], [3, 0, 6, 2]])
+    weights = expert_weights(counts)
+    stacked = class_experts([c.state_dict() for c in clients], weights)
+    x = torch.randn(7, 1, 8, 8)
+    template = build_model(model_name, DIGITS).eval()
+    batched = expert_logits(template, stacked, x)
+    for e in range(4):
+        one = build_model(model_name, DIGITS)
+        one.load_state_dict({k: v[e] for k, v in stacked.items()})
+        assert torch.allclose(batched[e], one.eval()(x), atol=1e-5)
+    features = torch.randn(5, template.feature_dim)
+    heads = head_logits(stacked, features)
+    assert heads.shape == (5, 4, 10)
+    assert torch.allclose(heads[:, 2], features @ stacked["head.weight"][2].T + stacked["head.bias"][2],
+                          atol=1e-5)
+
+
+def test_experts_refuse_a_template_in_training_mode():
+    model = build_model("cnn", DIGITS)
+    with pytest.raises(ValueError, match="eval mode"):
+        expert_logits(model.train(), class_experts([model.state_dict()], torch.ones(1, 2)),
+                      torch.zeros(1, 1, 8, 8))
+
+
+def test_ensemble_weights_experts_by_their_share():
+    logits = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])  # one sample, two experts
+    assert torch.allclose(ensemble_logits(logits, torch.tensor([3.0, 1.0])), torch.tensor([[0.75, 0.75]]))
+
+
+# --------------------------------------------------------------------- prototypes
+def test_kmeans_finds_well_separated_clusters():
+    rng = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([c + 0.1 * torch.randn(20, 2, generator=rng) for c in centres])
+    found, assign = kmeans(points, 3, rng)
+    ordered = found[torch.cdist(centres, found).argmin(1)]
+    assert torch.allclose(ordered, centres, atol=0.1)
+    assert torch.bincount(assign).tolist() == [20, 20, 20]
+
+
+def test_prototypes_are_per_class_aggregates_never_single_samples():
+    rng = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 40 + [1] * 5 + [2] * 1 + [3] * 3)
+    features = torch.randn(len(labels), 6, generator=rng)
+    centres, centre_labels = prototype_centres(features, labels, num_classes=5, k=4,
+                                               min_cluster=2, rng=rng)
+    assert centre_labels.tolist().count(0) <= 4 and 0 < centre_labels.tolist().count(0)
+    # 5 samples >= k=4: k-means with at most 5 // min_cluster centres.
+    assert 1 <= centre_labels.tolist().count(1) <= 2
+    # Fewer samples than k: the class mean.
+    assert torch.allclose(centres[centre_labels == 3][0], features[labels == 3].mean(0), atol=1e-6)
+    assert 2 not in centre_labels.tolist() and 4 not in centre_labels.tolist()
+    # No prototype is any single sample's feature vector.
+    assert torch.cdist(centres, features).min() > 1e-4
+
+
+def test_prototype_k_is_respected():
+    rng = torch.Generator().manual_seed(1)
+    labels = torch.zeros(200, dtype=torch.int64)
+    features = torch.randn(200, 3, generator=rng)
+    for k in (1, 3, 7):
+        centres, _ = prototype_centres(features, labels, 1, k=k, min_cluster=2, rng=rng)
+        assert 1 <= len(centres) <= k
+
+
+# --------------------------------------------------------------------- meta model
+def _toy_expert_logits(n: int, experts: int, rng: torch.Generator):
+    """Expert e is right (and confident) exactly on class e; elsewhere confidently wrong."""
+    labels = torch.randint(0, experts, (n,), generator=rng)
+    logits = 0.3 * torch.randn(n, experts, experts, generator=rng)
+    for e in range(experts):
+        wrong = (labels + torch.randint(1, experts, (n,), generator=rng)) % experts
+        target = torch.where(labels == e, labels, wrong)
+        logits[torch.arange(n), e, target] += 3.0
+    return logits, labels
+
+
+def test_meta_model_starts_as_the_uniform_ensemble_and_learns_to_beat_it():
+    rng = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    logits, labels = _toy_expert_logits(600, 6, rng)
+    meta = MetaModel(6, 6, dim=24, heads=4, dropout=0.0)
+    uniform = logits.mean(1)
+    with torch.no_grad():
+        assert torch.allclose(meta.eval()(logits), uniform, atol=1e-5)
+    uniform_acc = float((uniform.argmax(1) == labels).float().mean())
+    trained = train_meta_model(meta, logits, labels, epochs=40, lr=3e-3, batch_size=64,
+                               ema_decay=0.9, rng=rng)
+    with torch.no_grad():
+        meta_acc = float((trained(logits).argmax(1) == labels).float().mean())
+    assert uniform_acc < 0.8
+    assert meta_acc > uniform_acc + 0.15
+
+
+# ---------------------------------------------------------------------- generator
+def test_generator_samples_are_normalised_classifier_inputs():
+    generator = ImageGenerator(DIGITS, latent_dim=16, width=8).eval()
+    z = torch.randn(64, 16)
+    samples = generator(z)
+    assert samples.shape == (64, *DIGITS.input_shape)
+    # The Tanh output t in [-1, 1] is mapped to an image (t + 1) / 2 in [0, 1], then normalised.
+    with torch.no_grad():
+        tanh = generator.body(generator.project(z).view(64, -1, 2, 2))
+    expected = ((tanh + 1) / 2 - DIGITS.mean[0]) / DIGITS.std[0]
+    assert torch.allclose(samples, expected, atol=1e-6)
+    low, high = (0 - DIGITS.mean[0]) / DIGITS.std[0], (1 - DIGITS.mean[0]) / DIGITS.std[0]
+    assert samples.min() >= low - 1e-5 and samples.max() <= high + 1e-5
+    assert BatchTransform(DIGITS).denormalise(samples).min() >= -1e-5
+
+
+def test_generator_image_size_must_be_divisible_by_four():
+    spec = DATASETS["digits"].__class__("odd", 1, 10, 2, (0.5,), (0.5,), False, 0)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ImageGenerator(spec)
+
+
+@pytest.fixture(scope="module")
+def digits_classifier():
+    """A ResNet-8 (with BatchNorm) trained briefly on real digits."""
+    torch.manual_seed(0)
+    data = load_dataset("digits", "")
+    model = build_model("resnet8", DIGITS, width=0.5)
+    train(model, torch.from_numpy(data.train_images[:500]), torch.from_numpy(data.train_labels[:500]),
+          BatchTransform(DIGITS), TrainSettings(epochs=2, batch_size=32, learning_rate=0.05),
+          torch.device("cpu"), torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+def test_generator_steps_lower_the_generator_loss(digits_classifier):
+    torch.manual_seed(0)
+    generator = ImageGenerator(DIGITS, latent_dim=16, width=8)
+    classifier = digits_classifier
+    discriminator = Discriminator(1, 8, width=8).eval()
+    z = torch.randn(64, 16)
+    weights = GeneratorWeights(adversarial=1.0, entropy=1.0, diversity=1.0, inversion=0.1)
+    stats = BatchNormStatistics(classifier)
+    assert stats.active
+    before, terms = generator_objective(generator, classifier, discriminator, z, weights, stats)
+    assert set(terms) == {"adversarial", "entropy", "diversity", "inversion"}
+    assert terms["inversion"] > 0
+    optimiser = torch.optim.Adam(generator.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss, _ = generator_objective(generator, classifier, discriminator, z, weights, stats)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    after, _ = generator_objective(generator, classifier, discriminator, z, weights, stats)
+    stats.remove()
+    assert float(after) < 0.7 * float(before)
+
+
+def test_train_generator_uses_inversion_only_for_small_clients_with_batchnorm():
+    images = torch.rand(40, 1, 8, 8)
+    transform = BatchTransform(DIGITS)
+    rng = torch.Generator().manual_seed(0)
+    fast = MosaicSettings(generator_steps=3, generator_batch_size=16, generator_width=8,
+                          generator_latent_dim=8, inversion_max_samples=100)
+    report = train_generator(ImageGenerator(DIGITS, 8, 8), build_model("resnet8", DIGITS, 0.5),
+                             images, transform, fast, torch.device("cpu"), rng)
+    assert report.used_inversion and report.first["inversion"] > 0
+    report = train_generator(ImageGenerator(DIGITS, 8, 8), build_model("cnn", DIGITS, 0.5),
+                             images, transform, fast, torch.device("cpu"), rng)
+    assert not report.used_inversion and report.first["inversion"] == 0
+    big = MosaicSettings(**{**fast.to_mapping(), "inversion_max_samples": 40})
+    report = train_generator(ImageGenerator(DIGITS, 8, 8), build_model("resnet8", DIGITS, 0.5),
+                             images, transform, big, torch.device("cpu"), rng)
+    assert not report.used_inversion
+
+
+# ------------------------------------------------------------------- distillation
+def test_distillation_loss_terms():
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    _, same = distillation_loss(teacher, teacher, DistillWeights())
+    assert same["kl"] == pytest.approx(0, abs=1e-6) and same["jsd"] == pytest.approx(0, abs=1e-6)
+    student = torch.zeros(2, 3)
+    total, terms = distillation_loss(student, teacher, DistillWeights(kl=1, ce=0, jsd=0))
+    p = torch.softmax(teacher, 1)
+    expected_kl = float((p * (p.log() - math.log(1 / 3))).sum(1).mean())
+    assert terms["kl"] == pytest.approx(expected_kl, rel=1e-5)
+    assert float(total) == pytest.approx(expected_kl, rel=1e-5)
+    assert terms["ce"] == pytest.approx(math.log(3), rel=1e-5)
+    assert 0 < terms["jsd"] < math.log(2)
+
+
+def test_distillation_lowers_the_students_divergence_on_held_out_inputs():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        teacher[-1].weight.mul_(4)
+    student = build_model("cnn", DIGITS, width=0.5)
+    held_out = torch.randn(512, 1, 8, 8)
+
+    def kl_to_teacher() -> float:
+        with torch.no_grad():
+            _, terms = distillation_loss(student.eval()(held_out), teacher(held_out),
+                                         DistillWeights(kl=1, ce=0, jsd=0))
+        return terms["kl"]
+
+    before = kl_to_teacher()
+    rng = torch.Generator().manual_seed(1)
+    history = distill_into(student, teacher, lambda: torch.randn(64, 1, 8, 8, generator=rng),
+                           steps=300, lr=3e-3, weights=DistillWeights(), device=torch.device("cpu"))
+    assert len(history) == 300
+    assert kl_to_teacher() < 0.5 * before
+
+
+# ----------------------------------------------------------------------- schedule
+def test_schedule_phases_and_fit():
+    settings = MosaicSettings(warmup_rounds=3, finetune_rounds=-1)
+    assert [settings.phase(r) for r in range(1, 7)] == [WARMUP] * 3 + [DISTILL] + [FINETUNE] * 2
+    assert settings.schedule_problem(4) == "" and settings.schedule_problem(9) == ""
+    assert "num-server-rounds=3" in settings.schedule_problem(3)
+    fixed = MosaicSettings(warmup_rounds=3, finetune_rounds=2)
+    assert fixed.schedule_problem(6) == ""
+    assert "mosaic-finetune-rounds" in fixed.schedule_problem(7)
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"num_server_rounds": 5, "mosaic_warmup_rounds": 5}, "mosaic-warmup-rounds"),
+    ({"num_server_rounds": 5, "mosaic_warmup_rounds": 2, "mosaic_finetune_rounds": 1},
+     "mosaic-warmup-rounds"),
+    ({"mosaic_meta_dim": 30, "mosaic_meta_heads": 4}, "mosaic-meta-dim"),
+    ({"mosaic_expert_weighting": "median"}, "mosaic-expert-weighting"),
+    ({"mosaic_kl_weight": 0.0, "mosaic_ce_weight": 0.0, "mosaic_jsd_weight": 0.0}, "mosaic-kl-weight"),
+    ({"mosaic_finetune_rounds": -2}, "mosaic-finetune-rounds"),
+    ({"mosaic_meta_ema": 1.0}, "mosaic-meta-ema"),
+])
+def test_bad_mosaic_settings_are_config_errors(changes, key):
+    with pytest.raises(ConfigError) as err:
+        RunConfig(**{"strategy": "mosaic", **changes}).validate()
+    assert err.value.key == key
+
+
+def test_run_config_defaults_are_the_mosaic_settings_defaults():
+    assert MosaicSettings.from_config(RunConfig()) == MosaicSettings()
