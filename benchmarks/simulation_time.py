@@ -10,11 +10,18 @@ one row per run plus mean and standard deviation:
   tree (SuperLink, simulation runtime, Ray, actors), sampled every 0.2 s from
   /proc (Linux only).
 
+For Mosaic runs a second table splits the time into its parts, from the
+run's ``metrics.jsonl``: local training (summed over clients and rounds, and
+the slowest client per round summed over rounds: the wall-clock share with
+enough parallel workers), generator training and prototypes (same two views),
+building the experts plus training the meta model, and distillation (server).
+
 Examples::
 
     python benchmarks/simulation_time.py --seeds 0 1 2
     python benchmarks/simulation_time.py --seeds 0 1 2 -c "partitioner='dirichlet' dirichlet-alpha=0.1"
     python benchmarks/simulation_time.py --seeds 0 --gpus-per-client 0.1   # on a CUDA machine
+    python benchmarks/simulation_time.py --seeds 0 1 2 -c "strategy='mosaic' partitioner='dirichlet' dirichlet-alpha=0.1"
 """
 
 from __future__ import annotations
@@ -74,6 +81,36 @@ class PeakMemory:
         self._thread.join()
 
 
+#: Columns of the time-split table: (title, metric names summed over all rounds).
+SPLIT = (
+    ("train sum s", ("train_seconds_sum",)),
+    ("train max s", ("train_seconds_max",)),
+    ("gen sum s", ("generator_seconds_sum",)),
+    ("gen max s", ("generator_seconds_max",)),
+    ("protos sum s", ("stats_seconds_sum",)),
+    ("meta s", ("experts_seconds", "meta_seconds")),
+    ("distill s", ("distill_seconds",)),
+)
+
+
+def time_split(run_dir: Path) -> dict[str, float]:
+    """Seconds per part of the run, summed over the rounds of ``metrics.jsonl``."""
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {title: sum(r.get(name, 0.0) for r in rounds for name in names)
+            for title, names in SPLIT}
+
+
+def print_table(header: tuple[str, ...], rows: list[dict]) -> None:
+    """Rows of numbers under a header, then mean and std when there are several rows."""
+    print(" | ".join(f"{h:>13}" for h in header))
+    for row in rows:
+        print(" | ".join(f"{v:>13.4f}" if isinstance(v, float) else f"{v:>13}" for v in row.values()))
+    if len(rows) > 1:
+        for label, fn in (("mean", statistics.mean), ("std", statistics.stdev)):
+            values = [fn([r[k] for r in rows]) for k in list(rows[0])[1:]]
+            print(" | ".join([f"{label:>13}"] + [f"{v:>13.4f}" for v in values]))
+
+
 def main() -> None:
     """Run the benchmark and print its table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -83,7 +120,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     overrides = parse_overrides(args.run_config)
-    rows = []
+    rows, splits = [], []
     with tempfile.TemporaryDirectory() as out, LocalSuperLink() as link:
         for seed in args.seeds:
             assert link.process is not None
@@ -100,17 +137,15 @@ def main() -> None:
                          "run_seconds": wall, "round1_seconds": rounds[0]["seconds"],
                          "later_round_seconds": statistics.mean(later) if later else float("nan"),
                          "peak_gb": memory.peak / 1e9})
+            splits.append({"seed": seed, **time_split(outcome.run_dir)})
     print(f"overrides: {overrides or '(defaults)'}; gpus per client: {args.gpus_per_client}")
-    header = ("seed", "final acc", "run s", "round 1 s", "later round s", "peak GB")
-    print(" | ".join(f"{h:>13}" for h in header))
-    for row in rows:
-        print(" | ".join(f"{v:>13.4f}" if isinstance(v, float) else f"{v:>13}" for v in row.values()))
-    if len(rows) > 1:
-        for label, fn in (("mean", statistics.mean), ("std", statistics.stdev)):
-            values = [fn([r[k] for r in rows]) for k in list(rows[0])[1:]]
-            print(" | ".join([f"{label:>13}"] + [f"{v:>13.4f}" for v in values]))
+    print_table(("seed", "final acc", "run s", "round 1 s", "later round s", "peak GB"), rows)
+    if any(v for split in splits for k, v in split.items() if k.startswith(("gen", "distill"))):
+        print("\ntime split (seconds, summed over rounds; 'sum' = all clients, 'max' = slowest "
+              "client per round)")
+        print_table(("seed",) + tuple(title for title, _ in SPLIT), splits)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"runs": rows, "time_split": splits}, indent=2))
 
 
 if __name__ == "__main__":

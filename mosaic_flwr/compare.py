@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import RunConfig, resolve_run_config
 from .launch import LocalSuperLink, parse_overrides, simulate
 
 #: Named methods: run-config overrides that define each one.
@@ -90,11 +91,13 @@ def run_comparison(methods: list[Method], seeds: list[int], alphas: list[float |
                                  "run-name": _run_name(method.label, alpha, seed)}
                     if alpha is not None:
                         overrides["dirichlet-alpha"] = alpha
-                    print(f"[compare] {method.label} alpha={alpha} seed={seed}", flush=True)
+                    config = resolve_config(overrides)
+                    print(f"[compare] {method.label} alpha={config.dirichlet_alpha} seed={seed}",
+                          flush=True)
                     outcome = simulate(overrides, superlink=link, output_dir=output_dir,
                                        cpus_per_client=cpus_per_client,
                                        gpus_per_client=gpus_per_client)
-                    row = {"method": method.label, "alpha": alpha, "seed": seed,
+                    row = {"method": method.label, "alpha": config.dirichlet_alpha, "seed": seed,
                            "status": outcome.status, "final_accuracy": None,
                            "best_accuracy": None, "wall_seconds": None,
                            "run_dir": str(outcome.run_dir)}
@@ -108,6 +111,11 @@ def run_comparison(methods: list[Method], seeds: list[int], alphas: list[float |
                     rows.append(row)
                     write_report(rows, methods, base, output_dir)
     return rows
+
+
+def resolve_config(overrides: dict[str, Any]) -> RunConfig:
+    """The validated config a run with these overrides will use."""
+    return resolve_run_config({**RunConfig().to_mapping(), **overrides}, explicit=overrides)
 
 
 def _run_name(label: str, alpha: float | None, seed: int) -> str:
@@ -163,8 +171,12 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[Method], base: dict
     """The comparison as a Markdown report."""
     groups = summarise(rows)
     alphas = list(dict.fromkeys(row["alpha"] for row in rows))
+    setting = resolve_config({**base, **methods[0].overrides})
     lines = ["# Comparison", "",
-             f"Common run config: `{json.dumps(base, sort_keys=True)}`  ",
+             f"Common run config: `{json.dumps(base, sort_keys=True)}`: {setting.dataset}, "
+             f"{setting.partitioner} partitions, {setting.num_clients} clients, "
+             f"{setting.num_server_rounds} rounds x {setting.local_epochs} local epochs, "
+             f"model {setting.model}, for every method.  ",
              f"Seeds: {sorted({row['seed'] for row in rows})}; partitions identical across "
              f"methods for each seed: {'yes' if partitions_identical(rows) else 'NO'}.", "",
              "| method | alpha | final accuracy (mean ± std) | per seed | runs | mean wall s |",
@@ -178,8 +190,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[Method], base: dict
             per_seed = ", ".join(f"{f:.4f}" for f in group["finals"])
             runs = f"{len(group['finals'])}" + (f" (+{group['failed']} failed)" if group["failed"] else "")
             secs = f"{statistics.mean(group['seconds']):.0f}" if group["seconds"] else "n/a"
-            lines.append(f"| {method.label} | {alpha if alpha is not None else base.get('dirichlet-alpha', '-')} "
-                         f"| {mean} | {per_seed} | {runs} | {secs} |")
+            lines.append(f"| {method.label} | {alpha} | {mean} | {per_seed} | {runs} | {secs} |")
     lines += ["", "Methods:", ""]
     for method in methods:
         what = DESCRIPTIONS.get(method.label, "custom")
@@ -217,7 +228,7 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
             axis.fill_between(x, [m - s for m, s in zip(means, spread)],
                               [m + s for m, s in zip(means, spread)], alpha=0.15)
         axis.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1),
-                 title=f"alpha = {alpha}" if alpha is not None else "")
+                 title=f"alpha = {alpha}")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     fig.tight_layout()

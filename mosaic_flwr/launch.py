@@ -66,7 +66,11 @@ class LocalSuperLink:
     def __init__(self, extra_env: dict[str, str] | None = None, startup_timeout: float = 60) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="mosaic-flwr-home-"))
         self.port = free_port()
-        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), **(extra_env or {})}
+        # Flower starts helper executables (flower-superexec, ...) by name: put this
+        # interpreter's environment first on PATH, even when it is not activated.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), "PATH": path,
+                    **(extra_env or {})}
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.log_path = self.home / "superlink.log"

@@ -153,6 +153,23 @@ def _same_metric_keys(usable: list[Message], rejected: list[tuple[Message, str]]
     return kept, rejected
 
 
+def client_seconds(replies: list[Message]) -> dict[str, float]:
+    """Sum and max over clients of every ``*-seconds`` metric (e.g. ``train_seconds_sum``).
+
+    The sum is the compute the clients spent; the max bounds the round's wall time.
+    """
+    totals: dict[str, list[float]] = {}
+    for msg in replies:
+        for name, value in next(iter(msg.content.metric_records.values())).items():
+            if name.endswith("-seconds") and isinstance(value, (int, float)):
+                totals.setdefault(name.replace("-", "_"), []).append(float(value))
+    stats = {}
+    for name, values in totals.items():
+        stats[f"{name}_sum"] = sum(values)
+        stats[f"{name}_max"] = max(values)
+    return stats
+
+
 class TolerantAggregation:
     """Mixin for FedAvg-family strategies: screen replies, enforce ``min_replies``.
 
@@ -217,6 +234,7 @@ class TolerantAggregation:
                 f"{self._num_sent} sampled clients, fewer than min-clients={self.min_replies} "
                 f"({len(rejected)} failed or malformed, {timed_out} timed out); stopping the run")
         usable.sort(key=reply_partition_id)
+        self.round_stats[server_round].update(client_seconds(usable))
         return usable
 
     def average(self, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:

@@ -117,7 +117,7 @@ def test_preset_strategy_and_wandb_come_from_the_run_config(superlink, tmp_path)
 
 @pytest.mark.parametrize("overrides,line", [
     ({"dirichlet-alpha": -1.0}, "invalid run config: dirichlet-alpha=-1.0: must be > 0"),
-    ({"strategy": "fedsgd"}, "invalid run config: strategy='fedsgd': must be one of fedavg, fedprox"),
+    ({"strategy": "fedsgd"}, "invalid run config: strategy='fedsgd': must be one of fedavg, fedprox, mosaic"),
     ({"num-clients": 5000, "min-clients": 1},
      "invalid run config: num-clients=5000: must be <= the 1438 training samples of digits"),
 ])
@@ -151,6 +151,46 @@ def test_too_few_good_clients_stop_the_run_clearly_and_keep_the_results(superlin
     assert "fewer than min-clients=8" in outcome.log
     summary = outcome.summary
     assert summary["status"] == "failed" and "min-clients=8" in summary["error"]
+
+
+#: A short, cheap Mosaic schedule: warm-up round 1, distillation in round 2, fine-tuning round 3.
+SHORT_MOSAIC = {"strategy": "mosaic", "partitioner": "dirichlet", "dirichlet-alpha": 0.1,
+                "num-server-rounds": 3, "local-epochs": 1, "mosaic-warmup-rounds": 1,
+                "mosaic-generator-steps": 20, "mosaic-meta-epochs": 10, "mosaic-distill-steps": 20}
+
+
+def test_mosaic_runs_its_whole_schedule_under_flwr_run(superlink, tmp_path):
+    outcome = simulate(SHORT_MOSAIC, superlink=superlink, output_dir=tmp_path)
+    assert outcome.completed, outcome.log[-3000:]
+    lines = metrics_lines(outcome.run_dir)
+    assert [m["phase"] for m in lines] == ["warmup", "distill", "finetune"]
+    distill = lines[1]
+    assert distill["clients_ok"] == 10 and distill["num_prototypes"] > 0
+    for key in ("teacher_accuracy", "ensemble_accuracy", "meta_prototype_accuracy",
+                "student_accuracy_before", "student_accuracy_after"):
+        assert 0.0 <= distill[key] <= 1.0, key
+    assert distill["accuracy"] == distill["student_accuracy_after"]
+    assert distill["generator_seconds_sum"] > 0 and distill["distill_seconds"] > 0
+    assert "[mosaic] distillation step 20/20" in outcome.log
+    assert "[mosaic] meta model epoch 10/10" in outcome.log
+
+
+def test_compare_writes_one_table_over_methods_and_seeds(tmp_path):
+    from mosaic_flwr.launch import main  # pylint: disable=import-outside-toplevel
+
+    out = tmp_path / "cmp"
+    code = main(["compare", "--methods", "fedavg", "mosaic-no-meta", "--seeds", "0", "1",
+                 "--output-dir", str(out), "-c",
+                 " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}".replace('"', "'")
+                          for k, v in SHORT_MOSAIC.items() if k != "strategy")])
+    assert code == 0
+    rows = (out / "comparison.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4
+    report = (out / "comparison.md").read_text()
+    assert "partitions identical across methods for each seed: yes" in report
+    assert "| fedavg | 0.1 |" in report and "| mosaic-no-meta | 0.1 |" in report
+    assert (out / "comparison.png").stat().st_size > 0
+    assert len(list((out / "runs").iterdir())) == 4
 
 
 def test_plain_flwr_run_after_the_readme_setup_uses_ten_clients(tmp_path):

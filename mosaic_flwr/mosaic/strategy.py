@@ -25,6 +25,7 @@ import time
 from logging import INFO
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -186,7 +187,7 @@ class MosaicStrategy(TolerantAggregation, FedAvg):
             return f"{LABEL_COUNTS} must be {self.num_classes} non-negative integers"
         if protos.ndim != 2 or protos.shape[1] != self.feature_dim or protos.dtype.kind != "f":
             return f"{PROTOTYPES} must be float (P, {self.feature_dim}), got {protos.shape}"
-        if not torch.isfinite(torch.from_numpy(protos)).all():
+        if not np.isfinite(protos).all():
             return f"{PROTOTYPES} hold NaN or infinite values"
         if proto_labels.shape != (len(protos),) or (proto_labels < 0).any() \
                 or (proto_labels >= self.num_classes).any():
