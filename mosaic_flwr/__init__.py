@@ -7,7 +7,7 @@ from .mosaic.strategy import MosaicStrategy
 from .records import TrainTask
 from .strategies import STRATEGIES, TolerantFedAvg, TolerantFedProx, build_strategy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["ConfigError", "MosaicSettings", "MosaicStrategy", "RunConfig", "STRATEGIES",
            "TolerantFedAvg", "TolerantFedProx", "TrainTask", "build_strategy", "handle_evaluate",

@@ -205,6 +205,7 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
 
     curves: dict[Any, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
@@ -229,6 +230,7 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
                               [m + s for m, s in zip(means, spread)], alpha=0.15)
         axis.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1),
                  title=f"alpha = {alpha}")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     fig.tight_layout()
