@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, resolve_run_config
-from .launch import LocalSuperLink, parse_overrides, simulate
+from .launch import LocalSuperLink, parse_overrides, resolve_overrides, simulate
 
 #: Named methods: run-config overrides that define each one.
 METHODS: dict[str, dict[str, Any]] = {
@@ -91,7 +90,7 @@ def run_comparison(methods: list[Method], seeds: list[int], alphas: list[float |
                                  "run-name": _run_name(method.label, alpha, seed)}
                     if alpha is not None:
                         overrides["dirichlet-alpha"] = alpha
-                    config = resolve_config(overrides)
+                    config = resolve_overrides(overrides)
                     print(f"[compare] {method.label} alpha={config.dirichlet_alpha} seed={seed}",
                           flush=True)
                     outcome = simulate(overrides, superlink=link, output_dir=output_dir,
@@ -111,11 +110,6 @@ def run_comparison(methods: list[Method], seeds: list[int], alphas: list[float |
                     rows.append(row)
                     write_report(rows, methods, base, output_dir)
     return rows
-
-
-def resolve_config(overrides: dict[str, Any]) -> RunConfig:
-    """The validated config a run with these overrides will use."""
-    return resolve_run_config({**RunConfig().to_mapping(), **overrides}, explicit=overrides)
 
 
 def _run_name(label: str, alpha: float | None, seed: int) -> str:
@@ -171,7 +165,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[Method], base: dict
     """The comparison as a Markdown report."""
     groups = summarise(rows)
     alphas = list(dict.fromkeys(row["alpha"] for row in rows))
-    setting = resolve_config({**base, **methods[0].overrides})
+    setting = resolve_overrides({**base, **methods[0].overrides})
     lines = ["# Comparison", "",
              f"Common run config: `{json.dumps(base, sort_keys=True)}`: {setting.dataset}, "
              f"{setting.partitioner} partitions, {setting.num_clients} clients, "

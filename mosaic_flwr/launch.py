@@ -175,6 +175,11 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
+def resolve_overrides(overrides: dict[str, Any]) -> RunConfig:
+    """The validated config a run with these ``--run-config`` overrides will use."""
+    return resolve_run_config({**RunConfig().to_mapping(), **overrides}, explicit=overrides)
+
+
 def plan_run(overrides: dict[str, Any], output_dir: Path,
              validate: bool = True) -> tuple[Path, int, dict[str, Any]]:
     """Fill in output-dir and a unique run-name; return (run folder, clients, overrides).
@@ -189,7 +194,7 @@ def plan_run(overrides: dict[str, Any], output_dir: Path,
         overrides.setdefault("run-name", stamp)
         num_clients = overrides.get("num-clients", RunConfig.num_clients)
         return Path(overrides["output-dir"]) / overrides["run-name"], num_clients, overrides
-    config = resolve_run_config({**RunConfig().to_mapping(), **overrides}, explicit=overrides)
+    config = resolve_overrides(overrides)
     if not config.run_name:
         overrides["run-name"] = (f"{stamp}-{config.strategy}-{config.dataset}-"
                                  f"{config.partitioner}-seed{config.seed}")
@@ -306,7 +311,7 @@ def _compare(args: argparse.Namespace) -> int:
                 overrides = {**base, **method.overrides}
                 if alpha is not None:
                     overrides["dirichlet-alpha"] = alpha
-                resolve_run_config({**RunConfig().to_mapping(), **overrides}, explicit=overrides)
+                resolve_overrides(overrides)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
