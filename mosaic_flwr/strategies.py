@@ -37,21 +37,6 @@ def reply_partition_id(msg: Message) -> int:
     return int(msg.metadata.src_node_id)
 
 
-def screen_train_replies(
-    replies: list[Message], expected: dict[str, tuple[tuple[int, ...], str]],
-    arrays_key: str, weight_key: str,
-) -> tuple[list[Message], list[tuple[Message, str]]]:
-    """Split training replies into usable ones and (reply, reason) for the rest.
-
-    A usable reply carries no error, an ArrayRecord ``arrays_key`` whose arrays
-    have exactly the expected names, shapes and dtypes and only finite values,
-    and one MetricRecord with a positive ``weight_key`` and the same metric names
-    as most other replies.
-    """
-    return screen_replies(replies, lambda msg: train_reply_problem(
-        msg, expected, arrays_key, weight_key))
-
-
 def screen_replies(replies: Iterable[Message], problem: Callable[[Message], str]
                    ) -> tuple[list[Message], list[tuple[Message, str]]]:
     """Split replies by ``problem`` (empty string: usable), then keep the common metric names."""
@@ -75,16 +60,18 @@ def train_reply_problem(msg: Message, expected: dict[str, tuple[tuple[int, ...],
                         extra_records: frozenset[str] = frozenset()) -> str:
     """Why a training reply is unusable ('' when it is usable).
 
-    ``extra_records`` names the other ArrayRecords the reply may carry (their
-    content is for the strategy to check).
+    A usable reply carries no error, exactly the ArrayRecords ``arrays_key`` and
+    ``extra_records`` (their content is for the strategy to check), arrays under
+    ``arrays_key`` with the expected names, shapes and dtypes and only finite
+    values, and one MetricRecord with a positive ``weight_key``.
     """
     if msg.has_error():
         return _error_problem(msg)
     names = set(msg.content.array_records)
-    if arrays_key not in names or names - {arrays_key} - extra_records:
-        allowed = f" (and optionally {sorted(extra_records)})" if extra_records else ""
-        what = "one ArrayRecord" if not extra_records else "ArrayRecord"
-        return f"expected {what} '{arrays_key}'{allowed}, got {sorted(names)}"
+    if names != {arrays_key} | extra_records:
+        if not extra_records:
+            return f"expected one ArrayRecord '{arrays_key}', got {sorted(names)}"
+        return f"expected ArrayRecords {sorted({arrays_key} | extra_records)}, got {sorted(names)}"
     return (arrays_problem(msg.content.array_records[arrays_key], expected)
             or _metrics_problem(msg, weight_key))
 

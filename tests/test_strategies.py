@@ -6,7 +6,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from mosaic_flwr.config import RunConfig
 from mosaic_flwr.strategies import (
-    CLIENT_RECORD, NotEnoughRepliesError, TolerantFedAvg, build_strategy, screen_train_replies)
+    CLIENT_RECORD, NotEnoughRepliesError, TolerantFedAvg, build_strategy, screen_replies,
+    train_reply_problem)
 
 EXPECTED = {"w": ((2,), "float32"), "b": ((1,), "float32")}
 
@@ -47,7 +48,8 @@ def test_screening_keeps_good_replies_and_names_each_problem(task_identity):  # 
         reply(7, [2, 2]),
         reply(8, [2, 2], arrays_key="weights"),
     ]
-    usable, rejected = screen_train_replies(replies, EXPECTED, "arrays", "num-examples")
+    usable, rejected = screen_replies(
+        replies, lambda msg: train_reply_problem(msg, EXPECTED, "arrays", "num-examples"))
     assert [m.metadata.src_node_id for m in usable] == [1, 7]
     reasons = {m.metadata.src_node_id: r for m, r in rejected}
     assert reasons[2] == "client error: boom"
