@@ -12,7 +12,6 @@ in-process).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -103,5 +102,5 @@ def client_train(msg: Message, context: Context) -> Message:
                                                    device, rng)
     content["arrays"] = ArrayRecord(model.state_dict())
     content["metrics"] = MetricRecord({"num-examples": len(labels),
-                                       "train-loss": float(np.float32(loss.item()))})
+                                       "train-loss": float(loss.detach())})
     return Message(content, reply_to=msg)

@@ -23,7 +23,7 @@ from .data import BatchTransform, DatasetUnavailableError, label_counts, load_da
 from .models import build_model
 from .results import RunRecorder, make_run_dir
 from .strategies import build_strategy
-from .training import evaluate, predictor_accuracy, select_device
+from .training import evaluate, evaluate_predictor, select_device
 
 
 class FederationTooSmallError(RuntimeError):
@@ -71,8 +71,9 @@ class CentralEvaluator:
 
     def score(self, predict: Callable[[torch.Tensor], torch.Tensor]) -> float:
         """Test accuracy of any predictor, e.g. Mosaic's teacher (reporting only)."""
-        return predictor_accuracy(predict, self.images, self.labels, self.transform,
-                                  self.device, amp=self.config.amp)
+        _, accuracy = evaluate_predictor(predict, self.images, self.labels, self.transform,
+                                         self.device, amp=self.config.amp)
+        return accuracy
 
 
 def run_server(grid: Grid, context: Context) -> dict:

@@ -102,32 +102,26 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return TrainResult(total_loss / seen, correct / seen, n)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              transform: BatchTransform, device: torch.device, batch_size: int = 512,
              amp: bool = True) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` on the given samples."""
     model.to(device).eval()
+    return evaluate_predictor(model, images, labels, transform, device, batch_size, amp)
+
+
+@torch.no_grad()
+def evaluate_predictor(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                       labels: torch.Tensor, transform: BatchTransform, device: torch.device,
+                       batch_size: int = 512, amp: bool = True) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of any predictor (classifier inputs -> logits),
+    e.g. a model or Mosaic's teacher over its experts."""
     total_loss, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
         x = transform(images[start:start + batch_size].to(device), train=False)
         y = labels[start:start + batch_size].to(device)
         with autocast(device, amp):
-            logits = model(x)
+            logits = predict(x)
         total_loss += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     return total_loss / len(labels), correct / len(labels)
-
-
-@torch.no_grad()
-def predictor_accuracy(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                       labels: torch.Tensor, transform: BatchTransform, device: torch.device,
-                       batch_size: int = 512, amp: bool = True) -> float:
-    """Accuracy of any predictor (classifier inputs -> logits), e.g. an ensemble of experts."""
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        x = transform(images[start:start + batch_size].to(device), train=False)
-        with autocast(device, amp):
-            logits = predict(x)
-        correct += int((logits.argmax(1) == labels[start:start + batch_size].to(device)).sum())
-    return correct / len(labels)
