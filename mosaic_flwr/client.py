@@ -3,8 +3,9 @@
 ``client_app/app.py`` routes Flower messages here. The run configuration comes
 with every message (the server resolved and validated it), so every node trains
 with the same settings; the node's own ``node_config`` says which partition it
-holds. A strategy that needs more than local training says so in the message's
-``task`` record (:class:`~mosaic_flwr.records.TrainTask`): a scaled learning
+holds (or where its own data lie) and may override the device and thread count
+(:mod:`mosaic_flwr.node`). A strategy that needs more than local training says
+so in the message's ``task`` record (:class:`~mosaic_flwr.records.TrainTask`): a scaled learning
 rate, label counts and prototypes, a trained generator. Only model weights,
 label counts, prototypes (k-means centres) and aggregate metrics leave the client.
 """
@@ -19,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from .config import RunConfig
 from .data import BatchTransform, client_indices, load_dataset
 from .models import Classifier, build_model
+from .node import NodeSettings
 from .mosaic.client import client_generator, client_statistics
 from .mosaic.settings import MosaicSettings
 from .records import CLIENT_RECORD, GENERATOR_RECORD, STATS_RECORD, TrainTask
@@ -34,22 +36,6 @@ def config_from_message(msg: Message) -> RunConfig:
     return RunConfig.from_mapping({k: v for k, v in record.items() if k not in TRANSPORT_KEYS})
 
 
-def partition_id(context: Context, config: RunConfig) -> int:
-    """This node's partition, checked against the run's number of clients."""
-    node = context.node_config
-    if "partition-id" not in node:
-        raise ValueError("node_config has no 'partition-id'; start the SuperNode with "
-                         "--node-config \"partition-id=N num-partitions=M\"")
-    pid = int(node["partition-id"])
-    num = int(node.get("num-partitions", config.num_clients))
-    if num != config.num_clients:
-        raise ValueError(f"node_config num-partitions={num} but the run has "
-                         f"num-clients={config.num_clients}; make them equal")
-    if not 0 <= pid < config.num_clients:
-        raise ValueError(f"partition-id={pid} is outside 0..{config.num_clients - 1}")
-    return pid
-
-
 def round_seed(config: RunConfig, pid: int, server_round: int) -> int:
     """A distinct, reproducible seed for each (run seed, client, round)."""
     return (config.seed * 1_000_003 + pid * 10_007 + server_round) % (2**63)
@@ -59,15 +45,21 @@ class LocalSetup:
     """Everything one client needs for one message: config, data, device, model."""
 
     def __init__(self, msg: Message, context: Context) -> None:
-        self.config = config_from_message(msg)
-        self.partition_id = partition_id(context, self.config)
+        self.node = NodeSettings.from_node_config(context.node_config, config_from_message(msg))
+        self.config = self.node.apply(config_from_message(msg))
+        self.partition_id = self.node.partition_id
         self.server_round = int(msg.content.config_records["config"].get("server-round", 0))
         torch.set_num_threads(self.config.num_threads)
         self.device = select_device(self.config.device)
-        data = load_dataset(self.config.dataset, self.config.data_path)
-        idx = client_indices(self.config, self.partition_id)
-        self.images = torch.from_numpy(data.train_images[idx])
-        self.labels = torch.from_numpy(data.train_labels[idx])
+        if self.node.data_path:  # the node's own data set: all of its training split
+            data = load_dataset(self.config.dataset, self.node.data_path)
+            images, labels = data.train_images, data.train_labels
+        else:  # this node's partition of the shared data set
+            data = load_dataset(self.config.dataset, self.config.data_path)
+            idx = client_indices(self.config, self.partition_id)
+            images, labels = data.train_images[idx], data.train_labels[idx]
+        self.images = torch.from_numpy(images)
+        self.labels = torch.from_numpy(labels)
         self.spec = data.spec
         self.transform = BatchTransform(data.spec, self.device)
         self.model: Classifier = build_model(self.config.model, data.spec, self.config.model_width)
@@ -83,6 +75,8 @@ class LocalSetup:
             content["arrays"] = ArrayRecord(self.model.to("cpu").state_dict())
         for name, record in (extra or {}).items():
             content[name] = record
+        self.node.log({"message": msg.metadata.message_type, "server-round": self.server_round,
+                       "run-id": msg.metadata.run_id, **metrics})
         return Message(content, reply_to=msg)
 
 
