@@ -13,18 +13,22 @@ label counts, prototypes (k-means centres) and aggregate metrics leave the clien
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from .baselines.fedcog import fedcog_regulariser
+from .baselines.fedgen import fedgen_regulariser
 from .config import RunConfig
 from .data import BatchTransform, client_indices, load_dataset
 from .models import Classifier, build_model
 from .node import NodeSettings
 from .mosaic.client import client_generator, client_statistics
 from .mosaic.settings import MosaicSettings
-from .records import CLIENT_RECORD, GENERATOR_RECORD, STATS_RECORD, TrainTask
-from .training import TrainSettings, evaluate, select_device, train
+from .records import (CLIENT_RECORD, GENERATOR_RECORD, LABEL_COUNTS, LOCAL_MODEL_RECORD,
+                      STATS_RECORD, TrainTask)
+from .training import Regulariser, TrainSettings, evaluate, select_device, train
 
 #: Keys the strategy adds to the run config in every message.
 TRANSPORT_KEYS = ("server-round",)
@@ -45,6 +49,7 @@ class LocalSetup:
     """Everything one client needs for one message: config, data, device, model."""
 
     def __init__(self, msg: Message, context: Context) -> None:
+        self.context = context
         self.node = NodeSettings.from_node_config(context.node_config, config_from_message(msg))
         self.config = self.node.apply(config_from_message(msg))
         self.partition_id = self.node.partition_id
@@ -80,21 +85,32 @@ class LocalSetup:
         return Message(content, reply_to=msg)
 
 
-def train_settings(config: RunConfig, learning_rate_scale: float = 1.0) -> TrainSettings:
-    """Local-training settings; the proximal term is on only for FedProx."""
+def train_settings(config: RunConfig, task: TrainTask | None = None) -> TrainSettings:
+    """Local-training settings for a task; the proximal term is on only for FedProx."""
+    task = task or TrainTask()
     return TrainSettings(
-        epochs=config.local_epochs, batch_size=config.batch_size,
-        learning_rate=config.learning_rate * learning_rate_scale, momentum=config.momentum,
+        epochs=task.local_epochs or config.local_epochs, batch_size=config.batch_size,
+        learning_rate=config.learning_rate * task.learning_rate_scale, momentum=config.momentum,
         weight_decay=config.weight_decay,
         proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
         augment=config.augment, amp=config.amp)
+
+
+#: Local objectives beyond cross-entropy, by the name a task gives:
+#: ``builder(setup, msg, task, rng, metrics) -> Regulariser``, called with the
+#: received global model before training (it may add metrics, e.g. timings).
+OBJECTIVES: dict[str, Callable[..., Regulariser]] = {
+    "fedgen": fedgen_regulariser,
+    "fedcog": fedcog_regulariser,
+}
 
 
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the global model locally and reply with what the server's task asks for.
 
     Prototypes are computed before training, with the received global model's
-    features; the generator is trained after it, against the trained local model.
+    features, and so is the objective's set-up (FedCOG's complementary data);
+    the generator is trained after training, against the trained local model.
     """
     setup = LocalSetup(msg, context)
     task = TrainTask.from_message(msg)
@@ -109,10 +125,22 @@ def handle_train(msg: Message, context: Context) -> Message:
                                                 setup.transform, setup.spec.num_classes, mosaic,
                                                 setup.device, rng)
         metrics["stats-seconds"] = time.monotonic() - start
+    elif task.upload_counts:
+        extra[STATS_RECORD] = ArrayRecord({LABEL_COUNTS: Array(
+            torch.bincount(setup.labels, minlength=setup.spec.num_classes).numpy().astype("int64"))})
+    regulariser = None
+    if task.objective:
+        if task.objective not in OBJECTIVES:
+            raise ValueError(f"unknown local objective {task.objective!r}; "
+                             f"known: {', '.join(OBJECTIVES)}")
+        regulariser = OBJECTIVES[task.objective](setup, msg, task, rng, metrics)
     start = time.monotonic()
     result = train(setup.model, setup.images, setup.labels, setup.transform,
-                   train_settings(setup.config, task.learning_rate_scale), setup.device, rng)
+                   train_settings(setup.config, task), setup.device, rng, regulariser)
     metrics["train-seconds"] = time.monotonic() - start
+    if task.keep_model:  # stays on the node, for the next round (FedCOG)
+        context.state[LOCAL_MODEL_RECORD] = ArrayRecord(
+            {k: v.detach().cpu() for k, v in setup.model.state_dict().items()})
     if task.upload_generator:
         start = time.monotonic()
         extra[GENERATOR_RECORD], report = client_generator(

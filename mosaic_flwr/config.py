@@ -20,9 +20,14 @@ from typing import Any, Mapping
 
 import yaml
 
+from .baselines.settings import (DenseSettings, FedCOGSettings, FedDFSettings, FedFTGSettings,
+                                 FedGenSettings)
+from .method_settings import MethodSettings
 from .mosaic.settings import MosaicSettings
 
-_MOSAIC = MosaicSettings()
+#: Every method's settings class; each field becomes a prefixed RunConfig field.
+METHOD_SETTINGS: tuple[type[MethodSettings], ...] = (
+    MosaicSettings, FedGenSettings, FedFTGSettings, DenseSettings, FedDFSettings, FedCOGSettings)
 
 #: Folder of the named experiment presets shipped with the app.
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -40,8 +45,11 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class RunConfig:  # pylint: disable=too-many-instance-attributes
-    """All settings of one run. Field ``dirichlet_alpha`` is run-config key ``dirichlet-alpha``."""
+class CoreConfig:  # pylint: disable=too-many-instance-attributes
+    """The settings every run has; :class:`RunConfig` adds each method's settings.
+
+    Field ``dirichlet_alpha`` is run-config key ``dirichlet-alpha``.
+    """
 
     preset: str = ""
     strategy: str = "fedavg"
@@ -76,40 +84,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     wandb: bool = False
     wandb_project: str = "mosaic-flwr"
     wandb_mode: str = ""
-    # Mosaic (strategy='mosaic'); defaults and meaning in mosaic/settings.py.
-    mosaic_warmup_rounds: int = _MOSAIC.warmup_rounds
-    mosaic_finetune_rounds: int = _MOSAIC.finetune_rounds
-    mosaic_finetune_lr_scale: float = _MOSAIC.finetune_lr_scale
-    mosaic_prototypes_per_class: int = _MOSAIC.prototypes_per_class
-    mosaic_prototype_min_cluster: int = _MOSAIC.prototype_min_cluster
-    mosaic_generator_steps: int = _MOSAIC.generator_steps
-    mosaic_generator_batch_size: int = _MOSAIC.generator_batch_size
-    mosaic_generator_lr: float = _MOSAIC.generator_lr
-    mosaic_generator_latent_dim: int = _MOSAIC.generator_latent_dim
-    mosaic_generator_width: int = _MOSAIC.generator_width
-    mosaic_adversarial_weight: float = _MOSAIC.adversarial_weight
-    mosaic_entropy_weight: float = _MOSAIC.entropy_weight
-    mosaic_diversity_weight: float = _MOSAIC.diversity_weight
-    mosaic_inversion_weight: float = _MOSAIC.inversion_weight
-    mosaic_inversion_max_samples: int = _MOSAIC.inversion_max_samples
-    mosaic_meta_model: bool = _MOSAIC.meta_model
-    mosaic_meta_epochs: int = _MOSAIC.meta_epochs
-    mosaic_meta_lr: float = _MOSAIC.meta_lr
-    mosaic_meta_batch_size: int = _MOSAIC.meta_batch_size
-    mosaic_meta_ema: float = _MOSAIC.meta_ema
-    mosaic_meta_dim: int = _MOSAIC.meta_dim
-    mosaic_meta_heads: int = _MOSAIC.meta_heads
-    mosaic_meta_dropout: float = _MOSAIC.meta_dropout
-    mosaic_expert_weighting: str = _MOSAIC.expert_weighting
-    mosaic_generators: bool = _MOSAIC.generators
-    mosaic_distill_steps: int = _MOSAIC.distill_steps
-    mosaic_distill_lr: float = _MOSAIC.distill_lr
-    mosaic_samples_per_generator: int = _MOSAIC.samples_per_generator
-    mosaic_temperature: float = _MOSAIC.temperature
-    mosaic_kl_weight: float = _MOSAIC.kl_weight
-    mosaic_ce_weight: float = _MOSAIC.ce_weight
-    mosaic_jsd_weight: float = _MOSAIC.jsd_weight
-
+    # Share of the training split held out from every client, unlabelled, for
+    # methods that distil on server-side proxy data (feddf-inputs='proxy').
+    proxy_fraction: float = 0.0
     # ------------------------------------------------------------------ building
     @classmethod
     def keys(cls) -> list[str]:
@@ -188,10 +165,41 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
                               "directory is not yours), or empty for the default")
         if "/" in self.run_name or self.run_name in (".", ".."):
             raise ConfigError("run-name", self.run_name, "must be a plain folder name")
+        if not 0.0 <= self.proxy_fraction < 1.0:
+            raise ConfigError("proxy-fraction", self.proxy_fraction, "must be in [0, 1)")
+        self._validate_methods()
+
+    def _validate_methods(self) -> None:
+        """Every method's settings, and the named strategy's needs from the rest of the config."""
+        for settings_class in METHOD_SETTINGS:
+            settings_class.from_config(self).validate()
+        values: Any = self
         mosaic = MosaicSettings.from_config(self)
-        mosaic.validate()
         if self.strategy == "mosaic" and (problem := mosaic.schedule_problem(self.num_server_rounds)):
-            raise ConfigError("mosaic-warmup-rounds", self.mosaic_warmup_rounds, problem)
+            raise ConfigError("mosaic-warmup-rounds", values.mosaic_warmup_rounds, problem)
+        if self.strategy == "fedcog" and values.fedcog_start_round > self.num_server_rounds:
+            raise ConfigError("fedcog-start-round", values.fedcog_start_round,
+                              f"must be <= num-server-rounds ({self.num_server_rounds}); "
+                              "FedCOG would never synthesise data")
+        if self.strategy == "feddf" and values.feddf_inputs == "proxy" and self.proxy_fraction == 0:
+            raise ConfigError("feddf-inputs", values.feddf_inputs,
+                              "'proxy' needs proxy-fraction > 0 (the held-out unlabelled split)")
+
+
+def _method_fields() -> list[tuple[str, Any, Any]]:
+    return [(f"{cls.PREFIX}_{f.name}", f.type, dataclasses.field(default=f.default))
+            for cls in METHOD_SETTINGS for f in fields(cls)]  # type: ignore[arg-type]
+
+
+#: All settings of one run: :class:`CoreConfig` plus, for each class in
+#: :data:`METHOD_SETTINGS`, one field ``<prefix>_<name>`` per settings field (so
+#: ``MosaicSettings.warmup_rounds`` is field ``mosaic_warmup_rounds``, run-config
+#: key ``mosaic-warmup-rounds``), with the settings' default.
+RunConfig = dataclasses.make_dataclass("RunConfig", _method_fields(), bases=(CoreConfig,),
+                                       frozen=True)
+RunConfig.__module__ = __name__
+RunConfig.__doc__ = ("All settings of one run: the core keys and every method's prefixed keys "
+                     "(field ``mosaic_warmup_rounds`` is run-config key ``mosaic-warmup-rounds``).")
 
 
 def resolve_run_config(

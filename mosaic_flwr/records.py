@@ -12,8 +12,12 @@ Reply records:
 - ``metrics`` (MetricRecord): ``num-examples`` and training metrics;
 - ``client`` (ConfigRecord): the sender's ``partition-id``;
 - ``generator`` (ArrayRecord): the client's image generator, when asked;
-- ``stats`` (ArrayRecord): ``label-counts`` (per class), ``prototypes`` (k-means
-  feature centres) and ``prototype-labels`` (the class of each centre), when asked.
+- ``stats`` (ArrayRecord): ``label-counts`` (per class), and with them
+  ``prototypes`` (k-means feature centres) and ``prototype-labels`` (the class
+  of each centre) when prototypes are asked for.
+
+An instruction may carry a ``generator`` ArrayRecord too: the server's generator
+that a client's local objective uses (FedGen).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ CLIENT_RECORD = "client"
 TASK_RECORD = "task"
 GENERATOR_RECORD = "generator"
 STATS_RECORD = "stats"
+#: Name of the node-state record that keeps a client's last trained model.
+LOCAL_MODEL_RECORD = "local-model"
 LABEL_COUNTS = "label-counts"
 PROTOTYPES = "prototypes"
 PROTOTYPE_LABELS = "prototype-labels"
@@ -45,25 +51,42 @@ class TrainTask:
         Name of the strategy's phase (for logs and metrics), e.g. ``"warmup"``.
     learning_rate_scale : float
         Multiplies the client's learning rate (Mosaic's fine-tuning rounds).
+    local_epochs : int
+        Epochs of local training; 0 means the run config's ``local-epochs``.
+    objective : str
+        The local training objective: ``""`` (cross-entropy, plus FedProx's
+        term under FedProx), ``"fedgen"`` or ``"fedcog"``; see
+        :data:`mosaic_flwr.client.OBJECTIVES`.
+    upload_counts : bool
+        Also send the label counts (a ``stats`` record with ``label-counts``).
     upload_stats : bool
         Also send label counts and per-class feature prototypes.
     upload_generator : bool
         Also train an image generator on the local data and send it.
+    keep_model : bool
+        Keep the trained model in the node's state for the next round
+        (FedCOG's previous local model); it never leaves the node.
     settings : dict
         The strategy's client-side settings (prototype k, generator losses, ...).
     """
 
     phase: str = "train"
     learning_rate_scale: float = 1.0
+    local_epochs: int = 0
+    objective: str = ""
+    upload_counts: bool = False
     upload_stats: bool = False
     upload_generator: bool = False
+    keep_model: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> ConfigRecord:
         """The task as a ConfigRecord for the instruction message."""
         record: dict[str, Any] = {
             "phase": self.phase, "learning-rate-scale": self.learning_rate_scale,
-            "upload-stats": self.upload_stats, "upload-generator": self.upload_generator}
+            "local-epochs": self.local_epochs, "objective": self.objective,
+            "upload-counts": self.upload_counts, "upload-stats": self.upload_stats,
+            "upload-generator": self.upload_generator, "keep-model": self.keep_model}
         record.update({SETTING_PREFIX + k: v for k, v in self.settings.items()})
         return ConfigRecord(record)
 
@@ -76,7 +99,11 @@ class TrainTask:
         return cls(
             phase=str(record.get("phase", "train")),
             learning_rate_scale=float(record.get("learning-rate-scale", 1.0)),
+            local_epochs=int(record.get("local-epochs", 0)),
+            objective=str(record.get("objective", "")),
+            upload_counts=bool(record.get("upload-counts", False)),
             upload_stats=bool(record.get("upload-stats", False)),
             upload_generator=bool(record.get("upload-generator", False)),
+            keep_model=bool(record.get("keep-model", False)),
             settings={k[len(SETTING_PREFIX):]: v for k, v in record.items()
                       if k.startswith(SETTING_PREFIX)})

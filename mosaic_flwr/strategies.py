@@ -9,6 +9,7 @@ usable; below that it stops with a clear error.
 
 from __future__ import annotations
 
+import importlib
 from collections import Counter
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -282,11 +283,13 @@ def _sampling(config: RunConfig) -> dict:
     }
 
 
-def _mosaic(config: RunConfig, score_fn: ScoreFn | None) -> Strategy:
-    # Imported here: the Mosaic package builds on this module.
-    from .mosaic.strategy import MosaicStrategy  # pylint: disable=import-outside-toplevel
-
-    return MosaicStrategy.from_config(config, score_fn=score_fn, **_sampling(config))
+def _from_config(module: str, name: str) -> Callable[[RunConfig, "ScoreFn | None"], Strategy]:
+    """A builder that imports ``module.name`` when called (those modules build on this one)
+    and makes the strategy with its ``from_config``."""
+    def build(config: RunConfig, score_fn: ScoreFn | None) -> Strategy:
+        strategy_class = getattr(importlib.import_module(module, __package__), name)
+        return strategy_class.from_config(config, score_fn=score_fn, **_sampling(config))
+    return build
 
 
 #: Scores a predictor (classifier inputs -> logits) on held-out data; for reporting only.
@@ -297,7 +300,12 @@ STRATEGIES: dict[str, Callable[[RunConfig, ScoreFn | None], Strategy]] = {
     "fedavg": lambda config, _: TolerantFedAvg(**_sampling(config)),
     "fedprox": lambda config, _: TolerantFedProx(proximal_mu=config.proximal_mu,
                                                  **_sampling(config)),
-    "mosaic": _mosaic,
+    "mosaic": _from_config(".mosaic.strategy", "MosaicStrategy"),
+    "fedgen": _from_config(".baselines.fedgen", "FedGenStrategy"),
+    "fedftg": _from_config(".baselines.fedftg", "FedFTGStrategy"),
+    "dense": _from_config(".baselines.dense", "DenseStrategy"),
+    "feddf": _from_config(".baselines.feddf", "FedDFStrategy"),
+    "fedcog": _from_config(".baselines.fedcog", "FedCOGStrategy"),
 }
 
 

@@ -59,10 +59,15 @@ class TrainResult:
     num_examples: int
 
 
+#: An extra loss term per batch: ``regulariser(model, x, y, logits)`` (FedGen, FedCOG).
+Regulariser = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
           transform: BatchTransform, settings: TrainSettings, device: torch.device,
-          generator: torch.Generator) -> TrainResult:
-    """SGD on local data; with ``proximal_mu > 0`` adds FedProx's mu/2 * ||w - w_global||^2."""
+          generator: torch.Generator, regulariser: Regulariser | None = None) -> TrainResult:
+    """SGD on local data; with ``proximal_mu > 0`` adds FedProx's mu/2 * ||w - w_global||^2,
+    and with a ``regulariser`` its term on every batch (reported ``loss`` includes both)."""
     model.to(device).train()
     optimiser = torch.optim.SGD(model.parameters(), lr=settings.learning_rate,
                                 momentum=settings.momentum, weight_decay=settings.weight_decay)
@@ -86,6 +91,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             with autocast(device, settings.amp):
                 logits = model(x)
                 loss = loss_fn(logits, y)
+                if regulariser is not None:
+                    loss = loss + regulariser(model, x, y, logits)
             if global_params is not None:
                 prox = sum((p.float() - g).pow(2).sum()
                            for p, g in zip(model.parameters(), global_params))

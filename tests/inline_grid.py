@@ -32,6 +32,12 @@ class InlineGrid(Grid):
         self._run = SimpleNamespace(override_config=dict(override_config or {}))
         self.sent: list[Message] = []
         self.replies: list[Message] = []
+        # One context per node for the whole run, as a SuperNode keeps it (node state).
+        self.contexts = {node: Context(run_id=1, node_id=node,
+                                       node_config={"partition-id": node - 1,
+                                                    "num-partitions": num_nodes},
+                                       state=RecordDict(), run_config={})
+                         for node in range(1, num_nodes + 1)}
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
     @property
@@ -61,11 +67,7 @@ class InlineGrid(Grid):
             # The real Grid serialises each message when it is sent; copy so later
             # changes to the shared records (e.g. "server-round") do not show here.
             msg = copy.deepcopy(msg)
-            node = msg.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node,
-                              node_config={"partition-id": node - 1,
-                                           "num-partitions": self.num_nodes},
-                              state=RecordDict(), run_config={})
+            context = self.contexts[msg.metadata.dst_node_id]
             handler = self.handlers[msg.metadata.message_type.split(".")[0]]
             self.sent.append(msg)
             replies.append(handler(msg, context))

@@ -15,8 +15,14 @@ def test_methods_are_named_or_defined_inline():
     assert custom == Method("hot", {"strategy": "mosaic", "mosaic-temperature": 4.0})
     with pytest.raises(ValueError, match="unknown method 'fedsgd'"):
         parse_method("fedsgd")
-    assert all(overrides["strategy"] in ("fedavg", "fedprox", "mosaic")
-               for overrides in METHODS.values())
+    # Every named method is a registered strategy plus valid overrides, with a description.
+    from mosaic_flwr.compare import DESCRIPTIONS  # pylint: disable=import-outside-toplevel
+    from mosaic_flwr.config import RunConfig  # pylint: disable=import-outside-toplevel
+    for name, overrides in METHODS.items():
+        RunConfig.from_mapping({**overrides, "num-server-rounds": 20})
+        assert name in DESCRIPTIONS
+    assert {"fedavg", "fedprox", "mosaic", "fedgen", "fedftg", "dense", "feddf",
+            "fedcog"} <= set(METHODS)
 
 
 def rows_for(finals: dict[str, list], tmp_path=None):

@@ -27,7 +27,7 @@ def test_issue_keys_exist_with_their_names():
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("strategy", "fedsgd", "strategy='fedsgd': must be one of fedavg, fedprox"),
+    ("strategy", "fedsgd", "strategy='fedsgd': must be one of dense, fedavg, fedcog, feddf, fedftg"),
     ("dataset", "imagenet", "dataset='imagenet': must be one of"),
     ("model", "vgg", "model='vgg': must be one of cnn, resnet18, resnet8"),
     ("partitioner", "shards", "partitioner='shards': must be one of"),
@@ -43,11 +43,33 @@ def test_issue_keys_exist_with_their_names():
     ("wandb", "yes", "wandb='yes': must be true or false"),
     ("device", "tpu", "device='tpu': must be one of auto, cpu, cuda, cuda:N"),
     ("no-such-key", 1, "no-such-key=1: unknown key"),
+    ("proxy-fraction", 1.0, "proxy-fraction=1.0: must be in [0, 1)"),
+    ("fedgen-generator-lr", 0.0, "fedgen-generator-lr=0.0: must be > 0"),
+    ("fedgen-alpha", -1.0, "fedgen-alpha=-1.0: must be >= 0"),
+    ("fedftg-batch-size", 0, "fedftg-batch-size=0: must be an integer >= 1"),
+    ("dense-student-init", "pretrained", "dense-student-init='pretrained': must be one of fresh, average"),
+    ("dense-temperature", 0.0, "dense-temperature=0.0: must be > 0"),
+    ("feddf-inputs", "web", "feddf-inputs='web': must be one of generators, proxy"),
+    ("fedcog-start-round", 0, "fedcog-start-round=0: must be an integer >= 1"),
 ])
 def test_each_bad_value_names_key_value_and_rule(key, value, message):
     with pytest.raises(ConfigError) as caught:
         RunConfig.from_mapping({key: value})
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"strategy": "fedcog", "num-server-rounds": 5, "fedcog-start-round": 6},
+     "fedcog-start-round=6: must be <= num-server-rounds (5)"),
+    ({"strategy": "feddf", "feddf-inputs": "proxy"},
+     "feddf-inputs='proxy': 'proxy' needs proxy-fraction > 0"),
+])
+def test_a_strategy_checks_what_it_needs_from_the_rest_of_the_config(values, message):
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_mapping(values)
+    assert message in str(caught.value)
+    # The same values are fine for another strategy (the rule is the strategy's).
+    RunConfig.from_mapping({**values, "strategy": "fedavg"})
     assert "\n" not in str(caught.value)
 
 

@@ -14,7 +14,7 @@ from .partition import PARTITIONERS, label_counts, partition_labels
 __all__ = [
     "BatchTransform", "DATASETS", "DatasetSpec", "DatasetUnavailableError", "ImageData",
     "PARTITIONERS", "client_indices", "label_counts", "load_dataset", "partition_labels",
-    "partitions_for",
+    "partitions_for", "proxy_indices",
 ]
 
 
@@ -22,7 +22,22 @@ def partitions_for(config: RunConfig) -> list[np.ndarray]:
     """Every client's training indices for this config (cached per process)."""
     return _cached_partitions(config.dataset, config.data_path, config.partitioner,
                               config.num_clients, config.seed, config.dirichlet_alpha,
-                              config.min_partition_size, config.classes_per_client)
+                              config.min_partition_size, config.classes_per_client,
+                              config.proxy_fraction)
+
+
+def proxy_indices(config: RunConfig) -> np.ndarray:
+    """Training indices held out from every client (``proxy-fraction``), for server-side
+    proxy data; empty when the fraction is 0."""
+    num_train = len(load_dataset(config.dataset, config.data_path).train_labels)
+    return _proxy_split(num_train, config.seed, config.proxy_fraction)[0]
+
+
+def _proxy_split(num_train: int, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out proxy indices, the rest), both sorted; a seeded random split."""
+    order = np.random.default_rng([seed, 7919]).permutation(num_train)
+    cut = int(round(fraction * num_train))
+    return np.sort(order[:cut]), np.sort(order[cut:])
 
 
 def client_indices(config: RunConfig, partition_id: int) -> np.ndarray:
@@ -34,8 +49,10 @@ def client_indices(config: RunConfig, partition_id: int) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def _cached_partitions(dataset: str, data_path: str, partitioner: str, num_clients: int,
                        seed: int, alpha: float, min_size: int,
-                       classes_per_client: int) -> list[np.ndarray]:
+                       classes_per_client: int, proxy_fraction: float) -> list[np.ndarray]:
     labels = load_dataset(dataset, data_path).train_labels
-    return partition_labels(labels, partitioner=partitioner, num_clients=num_clients, seed=seed,
-                            dirichlet_alpha=alpha, min_partition_size=min_size,
-                            classes_per_client=classes_per_client, dataset=dataset)
+    _, kept = _proxy_split(len(labels), seed, proxy_fraction)
+    parts = partition_labels(labels[kept], partitioner=partitioner, num_clients=num_clients,
+                             seed=seed, dirichlet_alpha=alpha, min_partition_size=min_size,
+                             classes_per_client=classes_per_client, dataset=dataset)
+    return [kept[part] for part in parts]

@@ -52,14 +52,18 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def distill_into(student: nn.Module, teacher: Callable[[torch.Tensor], torch.Tensor],
                  sample: Callable[[], torch.Tensor], *, steps: int, lr: float,
                  weights: DistillWeights, device: torch.device, amp: bool = True,
-                 log_every: int = 0) -> list[dict[str, float]]:
-    """Train ``student`` to match ``teacher`` on ``steps`` batches from ``sample()``.
+                 log_every: int = 0, cosine: bool = False, max_grad_norm: float = 0.0,
+                 tag: str = "mosaic") -> list[dict[str, float]]:
+    """Train ``student`` with Adam to match ``teacher`` on ``steps`` batches from ``sample()``.
 
     ``teacher`` maps inputs to logits and is called under ``torch.no_grad()``.
+    ``cosine`` anneals the learning rate to 0 over the steps, ``max_grad_norm``
+    clips gradients (FedDF uses both); ``tag`` prefixes the log lines.
     Returns one record of loss terms per step.
     """
     student.to(device).eval()
     optimiser = torch.optim.Adam(student.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, steps)) if cosine else None
     use_scaler = device.type == "cuda" and amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     history: list[dict[str, float]] = []
@@ -74,13 +78,18 @@ def distill_into(student: nn.Module, teacher: Callable[[torch.Tensor], torch.Ten
         loss, terms = distillation_loss(out, target, weights)
         optimiser.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if max_grad_norm > 0:
+            scaler.unscale_(optimiser)
+            nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
         scaler.step(optimiser)
         scaler.update()
+        if scheduler is not None:
+            scheduler.step()
         history.append({"loss": float(loss.detach()), **terms})
         if log_every and (step % log_every == 0 or step == steps):
             recent = history[-log_every:]
-            log(INFO, "[mosaic] distillation step %d/%d  loss %.4f  (kl %.4f ce %.4f jsd %.4f)"
-                "  elapsed %.1fs", step, steps, _avg(recent, "loss"), _avg(recent, "kl"),
+            log(INFO, "[%s] distillation step %d/%d  loss %.4f  (kl %.4f ce %.4f jsd %.4f)"
+                "  elapsed %.1fs", tag, step, steps, _avg(recent, "loss"), _avg(recent, "kl"),
                 _avg(recent, "ce"), _avg(recent, "jsd"), time.monotonic() - start)
     return history
 

@@ -39,16 +39,20 @@ class ImageGenerator(nn.Module):
 
     The image side must be divisible by 4 (8, 28 and 32 are): a linear layer
     projects z to a (2w, H/4, W/4) map, two stride-2 transposed convolutions
-    upsample it to (C, H, W).
+    upsample it to (C, H, W). With ``num_classes > 0`` it is label-conditioned
+    (the server-side generators of FedFTG and DENSE): a one-hot label is
+    concatenated to z.
     """
 
-    def __init__(self, spec: DatasetSpec, latent_dim: int = 100, width: int = 64) -> None:
+    def __init__(self, spec: DatasetSpec, latent_dim: int = 100, width: int = 64,
+                 num_classes: int = 0) -> None:
         super().__init__()
         if spec.image_size % 4:
             raise ValueError(f"image size {spec.image_size} is not divisible by 4")
         self.latent_dim = latent_dim
+        self.num_classes = num_classes
         self.start = spec.image_size // 4
-        self.project = nn.Linear(latent_dim, 2 * width * self.start ** 2, bias=False)
+        self.project = nn.Linear(latent_dim + num_classes, 2 * width * self.start ** 2, bias=False)
         self.body = nn.Sequential(
             nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
             nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1, bias=False),
@@ -60,16 +64,25 @@ class ImageGenerator(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # pylint: disable=arguments-differ
+    def forward(self, z: torch.Tensor,  # pylint: disable=arguments-differ
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes:
+            if labels is None:
+                raise ValueError("a label-conditioned generator needs labels")
+            z = torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], dim=1)
         hidden = self.project(z).view(len(z), -1, self.start, self.start)
         images = (self.body(hidden) + 1) / 2  # [0, 1]
         return (images - self.mean) / self.std
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` samples in the classifier's input space."""
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` samples in the classifier's input space (uniform labels when conditioned
+        and none are given)."""
         device = self.project.weight.device
         z = torch.randn(n, self.latent_dim, generator=generator).to(device)
-        return self(z)
+        if self.num_classes and labels is None:
+            labels = torch.randint(0, self.num_classes, (n,), generator=generator)
+        return self(z, None if labels is None else labels.to(device))
 
 
 def build_generator(spec: DatasetSpec, settings: MosaicSettings) -> ImageGenerator:

@@ -8,9 +8,10 @@ larger distillation learning rate) the comment says why.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..method_settings import MethodSettings
 
 #: Ways to mix client models into per-class experts.
 EXPERT_WEIGHTINGS = ("counts", "uniform")
@@ -20,8 +21,10 @@ WARMUP, DISTILL, FINETUNE = "warmup", "distill", "finetune"
 
 
 @dataclass(frozen=True)
-class MosaicSettings:  # pylint: disable=too-many-instance-attributes
+class MosaicSettings(MethodSettings):  # pylint: disable=too-many-instance-attributes
     """Everything Mosaic needs beyond a FedAvg run; see the README's key table."""
+
+    PREFIX: ClassVar[str] = "mosaic"
 
     # Schedule: warm-up FedAvg rounds, one distillation round, fine-tuning rounds.
     # -1 fine-tuning rounds means "every round left in num-server-rounds".
@@ -88,30 +91,13 @@ class MosaicSettings:  # pylint: disable=too-many-instance-attributes
                 f"round counts within num-server-rounds, so set mosaic-warmup-rounds <= "
                 f"{num_rounds - 1} and mosaic-finetune-rounds to the rest (or -1)")
 
-    # ------------------------------------------------------------ run config
-    @classmethod
-    def from_config(cls, config: Any) -> "MosaicSettings":
-        """The settings held in a :class:`~mosaic_flwr.config.RunConfig`."""
-        return cls(**{f.name: getattr(config, "mosaic_" + f.name) for f in fields(cls)})
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "MosaicSettings":
-        """Settings from ``{field: value}`` (as they travel to clients); unknown names ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def to_mapping(self) -> dict[str, Any]:
-        """``{field: value}``, plain values only (fits a Flower ConfigRecord)."""
-        return dataclasses.asdict(self)
-
     def validate(self) -> None:
-        """Raise ``ConfigError`` (naming the ``mosaic-*`` key) for the first bad value."""
+        """Raise ``ConfigError`` (naming the ``mosaic-*`` key) for the first bad value
+        (Mosaic's rules are its own: -1 fine-tuning rounds, head-divisible meta dim, ...)."""
         # Imported here: config.py reads this module's defaults at import time.
         from ..config import ConfigError  # pylint: disable=import-outside-toplevel
 
-        def key(name: str) -> str:
-            return "mosaic-" + name.replace("_", "-")
-
+        key = self.key
         for name in ("prototypes_per_class", "prototype_min_cluster", "generator_steps",
                      "generator_batch_size", "generator_latent_dim", "generator_width",
                      "meta_batch_size", "meta_dim", "meta_heads", "samples_per_generator"):

@@ -23,31 +23,30 @@ from __future__ import annotations
 
 import time
 from logging import INFO
-from typing import Callable, Iterable
+from typing import Callable
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 from torch import nn
 
 from ..config import RunConfig
 from ..data.datasets import DATASETS
 from ..models import Classifier, build_model
-from ..records import (GENERATOR_RECORD, LABEL_COUNTS, PROTOTYPE_LABELS, PROTOTYPES, STATS_RECORD,
-                       TASK_RECORD, TrainTask)
-from ..strategies import (ScoreFn, TolerantAggregation, array_signature, arrays_problem,
-                          train_reply_problem)
-from .distill import DistillWeights, distill_into
+from ..records import PROTOTYPE_LABELS, PROTOTYPES, STATS_RECORD, TrainTask
+from ..strategies import ScoreFn
+from ..task_strategy import TaskStrategy
 from ..training import select_device
+from .distill import DistillWeights, distill_into
 from .experts import class_experts, ensemble_logits, expert_logits, expert_weights, head_logits
 from .generator import build_generator
 from .meta import MetaModel, train_meta_model
 from .settings import DISTILL, FINETUNE, MosaicSettings
 
-class MosaicStrategy(TolerantAggregation, FedAvg):
+
+class MosaicStrategy(TaskStrategy):
     """Mosaic (Liu et al. 2025): mixture-of-experts teacher distilled with client generators.
 
     Parameters
@@ -72,31 +71,18 @@ class MosaicStrategy(TolerantAggregation, FedAvg):
         expert ensemble's and the student's accuracy before and after
         distillation are recorded. Never used for training.
     **kwargs
-        Passed to :class:`~mosaic_flwr.strategies.TolerantAggregation` and
-        Flower's ``FedAvg`` (``min_replies``, ``fraction_train``,
-        ``min_train_nodes``, ``min_available_nodes``, ...).
+        Passed to :class:`~mosaic_flwr.task_strategy.TaskStrategy`,
+        :class:`~mosaic_flwr.strategies.TolerantAggregation` and Flower's
+        ``FedAvg`` (``min_replies``, ``fraction_train``, ``min_train_nodes``, ...).
     """
 
     def __init__(self, model_fn: Callable[[], Classifier], generator_fn: Callable[[], nn.Module],
-                 settings: MosaicSettings | None = None, *, device: str | torch.device = "cpu",
-                 amp: bool = True, seed: int = 0, score_fn: ScoreFn | None = None,
-                 **kwargs) -> None:
-        super().__init__(**kwargs)
+                 settings: MosaicSettings | None = None, **kwargs) -> None:
+        super().__init__(model_fn, generator_fn=generator_fn, **kwargs)
         self.settings = settings or MosaicSettings()
         self.settings.validate()
-        self.model_fn = model_fn
-        self.generator_fn = generator_fn
-        self.device = torch.device(device)
-        self.amp = amp
-        self.seed = seed
-        self.score_fn = score_fn
-        template = model_fn()
-        self.num_classes = int(template.head.out_features)
-        self.feature_dim = int(template.head.in_features)
-        generator = generator_fn().eval()
-        self._generator_signature = array_signature(ArrayRecord(generator.state_dict()))
         with torch.no_grad():
-            self.input_shape = tuple(generator.sample(1).shape[1:])
+            self.input_shape = tuple(generator_fn().eval().sample(1).shape[1:])
 
     @classmethod
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
@@ -148,61 +134,12 @@ class MosaicStrategy(TolerantAggregation, FedAvg):
             upload_generator=distill and self.settings.generators,
             settings=self.settings.to_mapping() if distill else {})
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        """FedAvg's instructions plus this round's ``task`` record."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        task = self.task_for(server_round).to_record()
-        for msg in messages:
-            msg.content[TASK_RECORD] = task
-        return messages
-
-    def reply_problem(self, server_round: int, msg: Message) -> str:
-        """In the distillation round a reply must also carry valid stats (and a generator)."""
-        task = self.task_for(server_round)
-        if not (task.upload_stats or task.upload_generator):
-            return super().reply_problem(server_round, msg)
-        extra = frozenset({STATS_RECORD} | ({GENERATOR_RECORD} if task.upload_generator else set()))
-        problem = train_reply_problem(msg, self._expected, self.arrayrecord_key,
-                                      self.weighted_by_key, extra)
-        if problem:
-            return problem
-        records = msg.content.array_records
-        if task.upload_generator:
-            problem = arrays_problem(records[GENERATOR_RECORD], self._generator_signature)
-            if problem:
-                return f"generator: {problem}"
-        return self._stats_problem(records[STATS_RECORD])
-
-    def _stats_problem(self, stats: ArrayRecord) -> str:
-        if set(stats.keys()) != {LABEL_COUNTS, PROTOTYPES, PROTOTYPE_LABELS}:
-            return f"stats must hold {LABEL_COUNTS}, {PROTOTYPES}, {PROTOTYPE_LABELS}; " \
-                   f"got {sorted(stats.keys())}"
-        counts = stats[LABEL_COUNTS].numpy()
-        protos = stats[PROTOTYPES].numpy()
-        proto_labels = stats[PROTOTYPE_LABELS].numpy()
-        if counts.shape != (self.num_classes,) or counts.dtype.kind not in "iu" or (counts < 0).any():
-            return f"{LABEL_COUNTS} must be {self.num_classes} non-negative integers"
-        if protos.ndim != 2 or protos.shape[1] != self.feature_dim or protos.dtype.kind != "f":
-            return f"{PROTOTYPES} must be float (P, {self.feature_dim}), got {protos.shape}"
-        if not np.isfinite(protos).all():
-            return f"{PROTOTYPES} hold NaN or infinite values"
-        if proto_labels.shape != (len(protos),) or (proto_labels < 0).any() \
-                or (proto_labels >= self.num_classes).any():
-            return f"{PROTOTYPE_LABELS} must hold one class in 0..{self.num_classes - 1} per prototype"
-        return ""
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg; in the distillation round, then distil the teacher into the average."""
-        usable = self.screen_train(server_round, replies)
-        arrays, metrics = self.average(usable)
-        stats = self.round_stats[server_round]
-        stats["phase"] = self.settings.phase(server_round)
-        if stats["phase"] == DISTILL:
-            arrays, distill_stats = self.distill_round(usable, arrays)
-            stats.update(distill_stats)
-        return arrays, metrics
+    def server_step(self, server_round: int, replies: list[Message], arrays: ArrayRecord
+                    ) -> tuple[ArrayRecord, dict[str, float]]:
+        """In the distillation round, distil the teacher into the average."""
+        if self.settings.phase(server_round) != DISTILL:
+            return arrays, {}
+        return self.distill_round(replies, arrays)
 
     # ------------------------------------------------------------ the Mosaic step
     def distill_round(self, replies: list[Message], global_arrays: ArrayRecord
@@ -213,8 +150,7 @@ class MosaicStrategy(TolerantAggregation, FedAvg):
         stats: dict[str, float] = {}
         start = time.monotonic()
 
-        counts = torch.stack([torch.from_numpy(m.content[STATS_RECORD][LABEL_COUNTS].numpy())
-                              for m in replies])
+        counts = self.label_counts(replies)
         weights = expert_weights(counts, s.expert_weighting)
         states = [m.content[self.arrayrecord_key].to_torch_state_dict() for m in replies]
         experts = {k: v.to(device) for k, v in class_experts(states, weights).items()}
@@ -288,11 +224,7 @@ class MosaicStrategy(TolerantAggregation, FedAvg):
         if not self.settings.generators:
             shape = (n * len(replies), *self.input_shape)
             return lambda: torch.randn(shape, generator=rng).to(self.device)
-        generators = []
-        for msg in replies:
-            generator = self.generator_fn()
-            generator.load_state_dict(msg.content[GENERATOR_RECORD].to_torch_state_dict())
-            generators.append(generator.to(self.device).eval())
+        generators = self.client_generators(replies)
         return lambda: torch.cat([g.sample(n, rng) for g in generators])
 
 

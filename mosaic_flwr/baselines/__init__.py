@@ -1,0 +1,20 @@
+"""The methods Mosaic is compared with, each a Flower strategy plus its client-side part.
+
+Where each method lives (settings for all of them in :mod:`.settings`):
+
+- :mod:`.fedgen`: FedGen (Zhu et al. 2021): a server-side feature-space
+  generator that regularises local training;
+- :mod:`.fedftg`: FedFTG (Zhang et al. 2022): server-side fine-tuning of the
+  global model on a label-conditioned generator's hard samples;
+- :mod:`.dense`: DENSE (Zhang et al. 2022): one-shot, a server generator
+  alternating with ensemble distillation;
+- :mod:`.feddf`: FedDF (Lin et al. 2020): ensemble distillation on unlabelled
+  inputs (a proxy split or client generators);
+- :mod:`.fedcog`: FedCOG (Ye et al. 2024): clients synthesise complementary data
+  against the global model; the server is FedAvg;
+- :mod:`.common`: what several of them share (ensembles, diversity loss).
+
+Import the strategies from their modules or the package top (``from mosaic_flwr
+import FedGenStrategy``); this ``__init__`` stays light because the run config
+reads the defaults in :mod:`.settings`.
+"""

@@ -1,0 +1,60 @@
+"""Pieces several baselines share: client ensembles, label sampling, two losses."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def client_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Every model's logits on ``x``: shape (K, batch, classes). Architectures may differ."""
+    return torch.stack([model(x).float() for model in models])
+
+
+def average_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The uniform ensemble's logits (FedDF, DENSE): the mean of the client logits."""
+    return client_logits(models, x).mean(0)
+
+
+def classwise_probabilities(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """FedFTG's teacher: class c's probability is the ``weights[:, c]``-weighted mean over
+    clients of their probability of c. ``logits`` (K, B, C), ``weights`` (K, C).
+
+    With columns of ``weights`` summing to 1 (``expert_weights``), rows stay
+    distributions only when every client agrees; they are renormalised here.
+    """
+    probs = torch.einsum("kbc,kc->bc", F.softmax(logits, dim=2), weights.to(logits.dtype))
+    return probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum_c p_c log softmax(logits)_c``."""
+    return -(target_probs * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def pairwise_diversity_loss(noise: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """FedGen's and FedFTG's diversity loss: ``exp(-mean_ij d_z(i, j) * d_o(i, j))``.
+
+    ``d_z`` is the mean squared difference of two latents, ``d_o`` the mean
+    absolute difference of their outputs: minimising it spreads the outputs of
+    distant latents apart, against mode collapse.
+    """
+    noise, outputs = noise.flatten(1).float(), outputs.flatten(1).float()
+    d_noise = (noise.unsqueeze(0) - noise.unsqueeze(1)).pow(2).mean(2)
+    d_out = (outputs.unsqueeze(0) - outputs.unsqueeze(1)).abs().mean(2)
+    return torch.exp(-(d_noise * d_out).mean())
+
+
+def labels_by_counts(counts: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
+    """``n`` labels in proportion to per-class ``counts`` (C,), shuffled."""
+    share = counts.double() / counts.sum().clamp_min(1)
+    per_class = torch.floor(share * n).long()
+    # Hand the rounding remainder to the largest shares.
+    remainder = n - int(per_class.sum())
+    if remainder > 0:
+        per_class[torch.argsort(share, descending=True)[:remainder]] += 1
+    labels = torch.repeat_interleave(torch.arange(len(counts)), per_class)
+    return labels[torch.randperm(len(labels), generator=rng)]

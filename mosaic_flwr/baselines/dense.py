@@ -1,0 +1,225 @@
+"""DENSE (Zhang et al., NeurIPS 2022): one-shot FL by data-free ensemble distillation.
+
+Clients train once (one communication round, ``dense-local-epochs``) and upload
+their models, which may have different architectures. The server then runs
+``epochs`` epochs, each of which
+
+1. synthesises one batch: a freshly initialised generator and its latents are
+   optimised together for ``generator_steps`` Adam steps on
+   ``ce * CE(ensemble(x), y) + bn * sum_BN |batch stats - running stats|
+   + adv * L_adv``, where ``L_adv = -mean_i [argmax s != argmax t] KL(t || s)``
+   pushes samples to where the student ``s`` and the ensemble ``t`` (mean of the
+   client logits) disagree; the lowest-loss batch joins a pool;
+2. distils the ensemble into the student with one pass over the pool (SGD,
+   KL at temperature T, scaled by T^2).
+
+The student is a new model (``student_init='fresh'``, as in the reference) or
+the FedAvg of the uploads (``'average'``).
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from typing import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from flwr.supercore import log
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import RunConfig
+from ..data.datasets import DATASETS
+from ..models import Classifier, build_model
+from ..mosaic.distill import DistillWeights, distillation_loss
+from ..mosaic.generator import BatchNormStatistics, ImageGenerator
+from ..records import TrainTask
+from ..strategies import ScoreFn
+from ..task_strategy import TaskStrategy
+from ..training import select_device
+from .common import client_logits
+from .settings import DenseSettings
+
+
+def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``-mean_i [argmax s_i != argmax t_i] * KL(t_i || s_i)``: lower where they disagree."""
+    t_log = F.log_softmax(teacher_logits.float(), dim=1)
+    s_log = F.log_softmax(student_logits.float(), dim=1)
+    kl = (t_log.exp() * (t_log - s_log)).sum(1)
+    differ = (student_logits.argmax(1) != teacher_logits.argmax(1)).float()
+    return -(differ * kl).mean()
+
+
+class Synthesizer:
+    """DENSE's data synthesis against a fixed set of client models and a student."""
+
+    def __init__(self, clients: list[nn.Module], generator_fn: Callable[[], ImageGenerator],
+                 num_classes: int, settings: DenseSettings, device: torch.device) -> None:
+        self.clients, self.generator_fn, self.num_classes = clients, generator_fn, num_classes
+        self.settings, self.device = settings, device
+        self.bn_stats = [BatchNormStatistics(model) for model in clients]
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, student: nn.Module
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted synthesis loss on inputs ``x`` for targets ``y``."""
+        for stats in self.bn_stats:
+            stats.pop()
+        teacher = client_logits(self.clients, x).mean(0)
+        bn = sum((stats.pop().to(x.device) for stats in self.bn_stats), torch.zeros((), device=x.device))
+        terms = {"ce": F.cross_entropy(teacher, y), "bn": bn,
+                 "adv": adversarial_loss(student(x), teacher)}
+        s = self.settings
+        total = s.ce_weight * terms["ce"] + s.bn_weight * terms["bn"] + s.adv_weight * terms["adv"]
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+    def synthesize(self, student: nn.Module, rng: torch.Generator
+                   ) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        """One batch from a fresh generator and latents, optimised together; the best batch."""
+        s = self.settings
+        generator = self.generator_fn().to(self.device).train()
+        z = torch.randn(s.synthesis_batch_size, generator.latent_dim, generator=rng).to(self.device)
+        z.requires_grad_(True)
+        y = torch.randint(0, self.num_classes, (s.synthesis_batch_size,), generator=rng).to(self.device)
+        optimiser = torch.optim.Adam([*generator.parameters(), z], lr=s.generator_lr,
+                                     betas=(0.5, 0.999))
+        student.eval().requires_grad_(False)
+        best, best_loss, history = None, float("inf"), []
+        for _ in range(s.generator_steps):
+            x = generator(z)
+            loss, terms = self.loss(x, y, student)
+            if float(loss.detach()) < best_loss:
+                best, best_loss = x.detach(), float(loss.detach())
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            history.append({**terms, "total": float(loss.detach())})
+        student.requires_grad_(True)
+        assert best is not None
+        return best, history
+
+    def remove(self) -> None:
+        """Detach the BatchNorm hooks from the client models."""
+        for stats in self.bn_stats:
+            stats.remove()
+
+
+def distill_pool(student: nn.Module, optimiser: torch.optim.Optimizer, pool: torch.Tensor,
+                 targets: torch.Tensor, settings: DenseSettings, rng: torch.Generator) -> float:
+    """One pass over the pool: KL(T) of the student to the stored ensemble logits; mean loss."""
+    student.eval()
+    weights = DistillWeights(kl=1.0, ce=0.0, jsd=0.0, temperature=settings.temperature)
+    order = torch.randperm(len(pool), generator=rng).to(pool.device)
+    losses = []
+    for start in range(0, len(pool), settings.distill_batch_size):
+        idx = order[start:start + settings.distill_batch_size]
+        loss, _ = distillation_loss(student(pool[idx]), targets[idx], weights)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    return sum(losses) / len(losses)
+
+
+class DenseStrategy(TaskStrategy):
+    """DENSE: one round of local training, then data-free distillation on the server.
+
+    ``start`` runs one communication round whatever ``num_rounds`` says (the
+    round budget goes into local epochs instead: see ``local_epochs``).
+
+    Parameters
+    ----------
+    model_fn : Callable[[], Classifier]
+        Builds the global model (the student).
+    generator_fn : Callable[[], ImageGenerator]
+        Builds the synthesis generator (unconditional).
+    settings : DenseSettings (default: DenseSettings())
+    local_epochs : int (default: 0)
+        Epochs of the clients' one local training (0: the run config's).
+    **kwargs
+        Passed to :class:`~mosaic_flwr.task_strategy.TaskStrategy` and FedAvg.
+    """
+
+    def __init__(self, model_fn: Callable[[], Classifier],
+                 generator_fn: Callable[[], ImageGenerator],
+                 settings: DenseSettings | None = None, *, local_epochs: int = 0,
+                 **kwargs) -> None:
+        super().__init__(model_fn, **kwargs)
+        self.settings = settings or DenseSettings()
+        self.settings.validate()
+        self.synthesis_generator_fn = generator_fn
+        self.local_epochs = local_epochs
+        self.rng = torch.Generator().manual_seed(self.seed)
+
+    @classmethod
+    def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
+                    **kwargs) -> "DenseStrategy":
+        """The strategy for a run config; clients train ``local-epochs x num-server-rounds``
+        epochs unless ``dense-local-epochs`` says otherwise."""
+        spec = DATASETS[config.dataset]
+        settings = DenseSettings.from_config(config)
+        epochs = settings.local_epochs or config.local_epochs * config.num_server_rounds
+        return cls(lambda: build_model(config.model, spec, config.model_width),
+                   lambda: ImageGenerator(spec, settings.latent_dim, settings.generator_width),
+                   settings, local_epochs=epochs, device=select_device(config.device),
+                   seed=config.seed, score_fn=score_fn, **kwargs)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
+              ) -> Result:
+        """One communication round (DENSE is one-shot), whatever ``num_rounds`` is."""
+        if num_rounds != 1:
+            log(INFO, "[dense] one-shot: 1 communication round (of the %d budgeted), clients "
+                "train %s local epochs in it", num_rounds, self.local_epochs or "the configured")
+        return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=1,
+                             timeout=timeout, train_config=train_config,
+                             evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
+
+    def task_for(self, server_round: int) -> TrainTask:
+        """The one round: local training for ``local_epochs`` epochs."""
+        return TrainTask(phase="one-shot", local_epochs=self.local_epochs)
+
+    def server_step(self, server_round: int, replies: list[Message], arrays: ArrayRecord
+                    ) -> tuple[ArrayRecord, dict[str, float]]:
+        """Synthesis alternating with distillation, into a fresh (or averaged) student."""
+        s, device = self.settings, self.device
+        start = time.monotonic()
+        clients = self.client_models(replies)
+        student = self.model_fn().to(device) if s.student_init == "fresh" \
+            else self.global_model(arrays)
+        optimiser = torch.optim.SGD(student.parameters(), lr=s.distill_lr, momentum=0.9)
+        synthesizer = Synthesizer(clients, self.synthesis_generator_fn, self.num_classes, s,
+                                  device)
+        stats: dict[str, float] = {}
+        if self.score_fn is not None:
+            stats["ensemble_accuracy"] = self.score_fn(
+                lambda x: client_logits(clients, x).mean(0))
+        pool: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
+        log_every = max(1, s.epochs // 10)
+        try:
+            for epoch in range(1, s.epochs + 1):
+                batch, history = synthesizer.synthesize(student, self.rng)
+                pool.append(batch)
+                with torch.no_grad():
+                    targets.append(client_logits(clients, batch).mean(0))
+                kd = distill_pool(student, optimiser, torch.cat(pool), torch.cat(targets), s,
+                                  self.rng)
+                if epoch == 1:
+                    stats["synthesis_loss_first"] = history[-1]["total"]
+                if epoch % log_every == 0 or epoch == s.epochs:
+                    log(INFO, "[dense] epoch %d/%d  synthesis %.4f (ce %.4f bn %.4f adv %.4f)  "
+                        "kd %.4f  pool %d  elapsed %.1fs", epoch, s.epochs, history[-1]["total"],
+                        history[-1]["ce"], history[-1]["bn"], history[-1]["adv"], kd,
+                        sum(len(p) for p in pool), time.monotonic() - start)
+                stats.update(synthesis_loss_last=history[-1]["total"], distill_loss_last=kd)
+        finally:
+            synthesizer.remove()
+        if self.score_fn is not None:
+            stats["student_accuracy_after"] = self.score_fn(student.eval())
+        stats["distill_seconds"] = time.monotonic() - start
+        return ArrayRecord(student.to("cpu").state_dict()), stats

@@ -1,0 +1,151 @@
+"""FedCOG (Ye et al., ICLR 2024): clients synthesise complementary data; the server is FedAvg.
+
+From round ``start_round`` on, each client, before local training,
+
+1. counts how far each class falls short of its largest class
+   (``d_c = max_j n_j - n_c``) and targets ``num_samples * d_c / sum d`` samples
+   at class c: the classes it lacks;
+2. optimises input tensors directly (Adam, from Gaussian noise) so that the
+   received global model predicts the targeted class (cross-entropy) while the
+   client's previous local model disagrees with it
+   (``1 - JS(global, local)``, probabilities clipped to [0.01, 0.99]); the
+   lowest-loss inputs are kept with the global model's logits on them;
+3. trains with ``w_real * CE(real batch) + w_syn * KL_T(batch of those inputs)``
+   towards the stored global logits, ``w_syn = N_syn / (N_real + N_syn)`` with
+   the notional ``N_syn = sum_c d_c`` (``w_real = 1 - w_syn``), as in the
+   reference. The regulariser returns ``w_syn * (KL_T - CE)``, which turns the
+   training loop's plain cross-entropy into that mix.
+
+The client keeps its trained model in the node's state for the next round's
+disagreement term; before it has one it uses the global model, so the term is
+0 and only the cross-entropy shapes the inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from flwr.app import Message
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import RunConfig
+from ..data.datasets import DATASETS
+from ..models import Classifier, build_model
+from ..records import LOCAL_MODEL_RECORD, TrainTask
+from ..strategies import ScoreFn
+from ..task_strategy import TaskStrategy
+from ..training import Regulariser, select_device
+from .settings import FedCOGSettings
+
+
+def complementary_counts(label_counts: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Samples to synthesise per class: ``num_samples * d_c / sum d``, ``d_c = max - n_c``."""
+    deficit = (label_counts.max() - label_counts).double()
+    if deficit.sum() == 0:
+        return torch.zeros_like(label_counts)
+    return torch.floor(num_samples * deficit / deficit.sum()).long()
+
+
+def js_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jensen-Shannon divergence of two predictions, probabilities clipped to
+    [0.01, 0.99] as in the reference (``1 - JS`` is FedCOG's disagreement loss)."""
+    p = F.softmax(logits_a.float(), dim=1).clamp(0.01, 0.99)
+    q = F.softmax(logits_b.float(), dim=1).clamp(0.01, 0.99)
+    m = (p + q) / 2
+    return 0.5 * ((m * (m.log() - p.log())).sum(1) + (m * (m.log() - q.log())).sum(1))
+
+
+def synthesize_complementary(global_model: nn.Module, local_model: nn.Module,
+                             per_class: torch.Tensor, input_shape: tuple[int, ...],
+                             settings: FedCOGSettings, device: torch.device,
+                             rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs for the targeted classes: (inputs, their labels, the global model's logits)."""
+    labels = torch.repeat_interleave(torch.arange(len(per_class)), per_class.cpu()).to(device)
+    x = torch.randn(len(labels), *input_shape, generator=rng).to(device).requires_grad_(True)
+    optimiser = torch.optim.Adam([x], lr=settings.generation_lr, betas=(0.5, 0.9))
+    global_model.eval().requires_grad_(False)
+    local_model.eval().requires_grad_(False)
+    best, best_loss = x.detach().clone(), float("inf")
+    for _ in range(settings.generation_steps):
+        g_logits = global_model(x)
+        ce = F.cross_entropy(g_logits.float(), labels)
+        disagreement = 1 - js_agreement(g_logits, local_model(x)).mean().clamp(0, 1)
+        loss = settings.ce_weight * ce + settings.disagreement_weight * disagreement
+        if float(loss.detach()) < best_loss:
+            best, best_loss = x.detach().clone(), float(loss.detach())
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    global_model.requires_grad_(True)
+    with torch.no_grad():
+        targets = global_model(best).float()
+    return best, labels, targets
+
+
+class FedCOGStrategy(TaskStrategy):
+    """FedCOG: FedAvg on the server; clients add complementary synthetic data from
+    ``start_round`` on (and keep their model between rounds for that)."""
+
+    def __init__(self, model_fn: Callable[[], Classifier], settings: FedCOGSettings | None = None,
+                 **kwargs) -> None:
+        super().__init__(model_fn, **kwargs)
+        self.settings = settings or FedCOGSettings()
+        self.settings.validate()
+
+    @classmethod
+    def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
+                    **kwargs) -> "FedCOGStrategy":
+        """The strategy for a run config."""
+        spec = DATASETS[config.dataset]
+        return cls(lambda: build_model(config.model, spec, config.model_width),
+                   FedCOGSettings.from_config(config), device=select_device(config.device),
+                   seed=config.seed, score_fn=score_fn, **kwargs)
+
+    def task_for(self, server_round: int) -> TrainTask:
+        """The FedCOG objective every round (it is plain training before ``start_round``)."""
+        phase = "complement" if server_round >= self.settings.start_round else "train"
+        return TrainTask(phase=phase, objective="fedcog", keep_model=True,
+                         settings=self.settings.to_mapping())
+
+
+def fedcog_regulariser(setup, msg: Message, task: TrainTask, rng: torch.Generator,  # pylint: disable=unused-argument
+                       metrics: dict[str, float]) -> Regulariser | None:
+    """Synthesise this client's complementary data; the distillation term on it, or None
+    before ``start_round`` or when the client holds every class equally."""
+    settings = FedCOGSettings.from_mapping(task.settings)
+    if setup.server_round < settings.start_round:
+        return None
+    counts = torch.bincount(setup.labels, minlength=setup.spec.num_classes)
+    per_class = complementary_counts(counts, settings.num_samples)
+    if int(per_class.sum()) == 0:
+        return None
+    start = time.monotonic()
+    model: Classifier = setup.model
+    local = build_model(setup.config.model, setup.spec, setup.config.model_width)
+    previous = setup.context.state.array_records.get(LOCAL_MODEL_RECORD)
+    local.load_state_dict(previous.to_torch_state_dict() if previous is not None
+                          else model.state_dict())
+    x_syn, _, targets = synthesize_complementary(
+        model.to(setup.device), local.to(setup.device), per_class,
+        (setup.spec.channels, setup.spec.image_size, setup.spec.image_size), settings,
+        setup.device, rng)
+    metrics["fedcog-seconds"] = time.monotonic() - start
+    metrics["fedcog-samples"] = len(x_syn)
+    notional = float((counts.max() - counts).sum())
+    w_syn = notional / (notional + len(setup.labels))
+    metrics["fedcog-synthetic-weight"] = w_syn
+    temp = settings.temperature
+
+    def regulariser(model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # pylint: disable=unused-argument
+                    logits: torch.Tensor) -> torch.Tensor:
+        idx = torch.randint(0, len(x_syn), (len(y),), generator=rng).to(x_syn.device)
+        student = F.log_softmax(model(x_syn[idx]).float() / temp, dim=1)
+        teacher = F.log_softmax(targets[idx] / temp, dim=1)
+        kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temp * temp
+        return w_syn * (kl - F.cross_entropy(logits.float(), y))
+
+    return regulariser
+

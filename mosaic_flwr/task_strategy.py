@@ -1,0 +1,181 @@
+"""The base of every strategy that asks clients for more than local training.
+
+:class:`TaskStrategy` is FedAvg with reply screening, plus three hooks a method
+fills in:
+
+- :meth:`~TaskStrategy.task_for`: the :class:`~mosaic_flwr.records.TrainTask`
+  sent with each round's instructions (objective, epochs, what to upload);
+- :meth:`~TaskStrategy.instruction_records`: extra records sent to clients
+  (FedGen's generator);
+- :meth:`~TaskStrategy.server_step`: what the server does after averaging
+  (distillation for Mosaic, FedFTG, FedDF, DENSE; generator training for FedGen).
+
+Replies are screened against the task: a reply that lacks the label counts,
+prototypes or generator the task asked for, or whose uploads are malformed, is
+left out like any other bad reply.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+
+from .models import Classifier
+from .records import (GENERATOR_RECORD, LABEL_COUNTS, PROTOTYPE_LABELS, PROTOTYPES, STATS_RECORD,
+                      TASK_RECORD, TrainTask)
+from .strategies import (ScoreFn, TolerantAggregation, array_signature, arrays_problem,
+                         train_reply_problem)
+
+
+class TaskStrategy(TolerantAggregation, FedAvg):
+    """FedAvg whose instructions carry a task and whose aggregation ends with a server step.
+
+    Parameters
+    ----------
+    model_fn : Callable[[], Classifier]
+        Builds the global model (``features(x)`` and a linear ``head``).
+    generator_fn : Callable[[], nn.Module], optional
+        Builds the generator clients upload when the task asks for one (to
+        check and load uploads).
+    device : str or torch.device (default: "cpu")
+        Where the server step runs.
+    amp : bool (default: True)
+        Mixed precision for server-side training on CUDA.
+    seed : int (default: 0)
+        Seeds the server step's random draws.
+    score_fn : ScoreFn, optional
+        Scores a predictor on held-out data, for diagnostics only (never training).
+    **kwargs
+        Passed to :class:`~mosaic_flwr.strategies.TolerantAggregation` and FedAvg.
+    """
+
+    def __init__(self, model_fn: Callable[[], Classifier], *,
+                 generator_fn: Callable[[], nn.Module] | None = None,
+                 device: str | torch.device = "cpu", amp: bool = True, seed: int = 0,
+                 score_fn: ScoreFn | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.model_fn = model_fn
+        self.generator_fn = generator_fn
+        self.device = torch.device(device)
+        self.amp = amp
+        self.seed = seed
+        self.score_fn = score_fn
+        template = model_fn()
+        self.num_classes = int(template.head.out_features)
+        self.feature_dim = int(template.head.in_features)
+        self._generator_signature = (array_signature(ArrayRecord(generator_fn().state_dict()))
+                                     if generator_fn is not None else {})
+
+    # ------------------------------------------------------------ method hooks
+    def task_for(self, server_round: int) -> TrainTask:  # pylint: disable=unused-argument
+        """What clients are asked to do in a round (plain local training by default)."""
+        return TrainTask()
+
+    def instruction_records(self, server_round: int  # pylint: disable=unused-argument
+                            ) -> dict[str, ArrayRecord]:
+        """Extra ArrayRecords sent with this round's instructions."""
+        return {}
+
+    def server_step(self, server_round: int, replies: list[Message],  # pylint: disable=unused-argument
+                    arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
+        """Turn the average of the usable replies into the new global model; stats to record."""
+        return arrays, {}
+
+    # ------------------------------------------------------------ Flower API
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """FedAvg's instructions plus this round's ``task`` and extra records."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        task = self.task_for(server_round).to_record()
+        extra = self.instruction_records(server_round)
+        for msg in messages:
+            msg.content[TASK_RECORD] = task
+            for name, record in extra.items():
+                msg.content[name] = record
+        return messages
+
+    def reply_problem(self, server_round: int, msg: Message) -> str:
+        """A reply must also carry valid uploads for what the task asked."""
+        task = self.task_for(server_round)
+        stats = task.upload_counts or task.upload_stats
+        extra = frozenset(({STATS_RECORD} if stats else set())
+                          | ({GENERATOR_RECORD} if task.upload_generator else set()))
+        problem = train_reply_problem(msg, self._expected, self.arrayrecord_key,
+                                      self.weighted_by_key, extra)
+        if problem:
+            return problem
+        records = msg.content.array_records
+        if task.upload_generator:
+            problem = arrays_problem(records[GENERATOR_RECORD], self._generator_signature)
+            if problem:
+                return f"generator: {problem}"
+        return self.stats_problem(records[STATS_RECORD], task.upload_stats) if stats else ""
+
+    def stats_problem(self, stats: ArrayRecord, prototypes: bool) -> str:
+        """Why an uploaded ``stats`` record is malformed ('' when it is fine)."""
+        keys = {LABEL_COUNTS, PROTOTYPES, PROTOTYPE_LABELS} if prototypes else {LABEL_COUNTS}
+        if set(stats.keys()) != keys:
+            return f"stats must hold {', '.join(sorted(keys))}; got {sorted(stats.keys())}"
+        counts = stats[LABEL_COUNTS].numpy()
+        if counts.shape != (self.num_classes,) or counts.dtype.kind not in "iu" or (counts < 0).any():
+            return f"{LABEL_COUNTS} must be {self.num_classes} non-negative integers"
+        if not prototypes:
+            return ""
+        protos = stats[PROTOTYPES].numpy()
+        proto_labels = stats[PROTOTYPE_LABELS].numpy()
+        if protos.ndim != 2 or protos.shape[1] != self.feature_dim or protos.dtype.kind != "f":
+            return f"{PROTOTYPES} must be float (P, {self.feature_dim}), got {protos.shape}"
+        if not np.isfinite(protos).all():
+            return f"{PROTOTYPES} hold NaN or infinite values"
+        if proto_labels.shape != (len(protos),) or (proto_labels < 0).any() \
+                or (proto_labels >= self.num_classes).any():
+            return f"{PROTOTYPE_LABELS} must hold one class in 0..{self.num_classes - 1} per prototype"
+        return ""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen, average, then the method's server step on the usable replies."""
+        usable = self.screen_train(server_round, replies)
+        arrays, metrics = self.average(usable)
+        stats = self.round_stats[server_round]
+        stats["phase"] = self.task_for(server_round).phase
+        arrays, step_stats = self.server_step(server_round, usable, arrays)
+        stats.update(step_stats)
+        return arrays, metrics
+
+    # ------------------------------------------------------------ helpers for methods
+    def label_counts(self, replies: list[Message]) -> torch.Tensor:
+        """(K, C) label counts of the replies (their tasks asked for counts)."""
+        return torch.stack([torch.from_numpy(m.content[STATS_RECORD][LABEL_COUNTS].numpy())
+                            for m in replies])
+
+    def client_models(self, replies: list[Message]) -> list[Classifier]:
+        """The replies' trained models, frozen, in eval mode, on the server's device."""
+        models = []
+        for msg in replies:
+            model = self.model_fn()
+            model.load_state_dict(msg.content[self.arrayrecord_key].to_torch_state_dict())
+            models.append(model.to(self.device).eval().requires_grad_(False))
+        return models
+
+    def global_model(self, arrays: ArrayRecord) -> Classifier:
+        """A trainable global model holding ``arrays``, on the server's device."""
+        model = self.model_fn()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return model.to(self.device)
+
+    def client_generators(self, replies: list[Message]) -> list[nn.Module]:
+        """The replies' uploaded generators, in eval mode, on the server's device."""
+        assert self.generator_fn is not None
+        generators = []
+        for msg in replies:
+            generator = self.generator_fn()
+            generator.load_state_dict(msg.content[GENERATOR_RECORD].to_torch_state_dict())
+            generators.append(generator.to(self.device).eval())
+        return generators
