@@ -26,11 +26,26 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from .models import Classifier
+from .config import RunConfig
+from .data.datasets import DATASETS
+from .models import Classifier, build_model
 from .records import (GENERATOR_RECORD, LABEL_COUNTS, PROTOTYPE_LABELS, PROTOTYPES, STATS_RECORD,
                       TASK_RECORD, TrainTask)
 from .strategies import (ScoreFn, TolerantAggregation, array_signature, arrays_problem,
                          train_reply_problem)
+from .training import select_device
+
+
+def model_fn_for(config: RunConfig) -> Callable[[], Classifier]:
+    """Builds the run's global model (the ``model_fn`` of every strategy's ``from_config``)."""
+    spec = DATASETS[config.dataset]
+    return lambda: build_model(config.model, spec, config.model_width)
+
+
+def server_options(config: RunConfig, score_fn: ScoreFn | None) -> dict:
+    """The :class:`TaskStrategy` keyword arguments a run config sets."""
+    return {"device": select_device(config.device), "amp": config.amp, "seed": config.seed,
+            "score_fn": score_fn}
 
 
 class TaskStrategy(TolerantAggregation, FedAvg):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Message
 from inline_grid import InlineGrid
 from test_mosaic_strategy import run_short
 from torch import nn

@@ -33,13 +33,12 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..data.datasets import DATASETS
-from ..models import Classifier, build_model
+from ..models import Classifier
 from ..mosaic.distill import DistillWeights, distillation_loss
 from ..mosaic.generator import BatchNormStatistics, ImageGenerator
 from ..records import TrainTask
 from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy
-from ..training import select_device
+from ..task_strategy import TaskStrategy, model_fn_for, server_options
 from .common import client_logits
 from .settings import DenseSettings
 
@@ -161,10 +160,9 @@ class DenseStrategy(TaskStrategy):
         spec = DATASETS[config.dataset]
         settings = DenseSettings.from_config(config)
         epochs = settings.local_epochs or config.local_epochs * config.num_server_rounds
-        return cls(lambda: build_model(config.model, spec, config.model_width),
+        return cls(model_fn_for(config),
                    lambda: ImageGenerator(spec, settings.latent_dim, settings.generator_width),
-                   settings, local_epochs=epochs, device=select_device(config.device),
-                   seed=config.seed, score_fn=score_fn, **kwargs)
+                   settings, local_epochs=epochs, **server_options(config, score_fn), **kwargs)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,

@@ -32,12 +32,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
-from ..data.datasets import DATASETS
 from ..models import Classifier, build_model
 from ..records import LOCAL_MODEL_RECORD, TrainTask
 from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy
-from ..training import Regulariser, select_device
+from ..task_strategy import TaskStrategy, model_fn_for, server_options
+from ..training import Regulariser
 from .settings import FedCOGSettings
 
 
@@ -99,10 +98,8 @@ class FedCOGStrategy(TaskStrategy):
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
                     **kwargs) -> "FedCOGStrategy":
         """The strategy for a run config."""
-        spec = DATASETS[config.dataset]
-        return cls(lambda: build_model(config.model, spec, config.model_width),
-                   FedCOGSettings.from_config(config), device=select_device(config.device),
-                   seed=config.seed, score_fn=score_fn, **kwargs)
+        return cls(model_fn_for(config), FedCOGSettings.from_config(config),
+                   **server_options(config, score_fn), **kwargs)
 
     def task_for(self, server_round: int) -> TrainTask:
         """The FedCOG objective every round (it is plain training before ``start_round``)."""

@@ -27,14 +27,13 @@ from torch import nn
 from ..config import RunConfig
 from ..data import BatchTransform, load_dataset, proxy_indices
 from ..data.datasets import DATASETS
-from ..models import Classifier, build_model
+from ..models import Classifier
 from ..mosaic.distill import DistillWeights, distill_into
 from ..mosaic.generator import build_generator
 from ..mosaic.settings import MosaicSettings
 from ..records import TrainTask
 from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy
-from ..training import select_device
+from ..task_strategy import TaskStrategy, model_fn_for, server_options
 from .common import average_logits
 from .settings import FedDFSettings
 
@@ -79,16 +78,14 @@ class FedDFStrategy(TaskStrategy):
         spec = DATASETS[config.dataset]
         settings = FedDFSettings.from_config(config)
         mosaic = MosaicSettings.from_config(config)
-        device = select_device(config.device)
         proxy = None
         if settings.inputs == "proxy":
             images = load_dataset(config.dataset, config.data_path).train_images
             proxy = BatchTransform(spec, torch.device("cpu"))(
                 torch.from_numpy(images[proxy_indices(config)]), train=False)
-        return cls(lambda: build_model(config.model, spec, config.model_width), settings,
+        return cls(model_fn_for(config), settings,
                    generator_fn=lambda: build_generator(spec, mosaic), generator_settings=mosaic,
-                   proxy_inputs=proxy, device=device, amp=config.amp, seed=config.seed,
-                   score_fn=score_fn, **kwargs)
+                   proxy_inputs=proxy, **server_options(config, score_fn), **kwargs)
 
     def task_for(self, server_round: int) -> TrainTask:
         """Local training, plus a generator when the inputs come from generators."""

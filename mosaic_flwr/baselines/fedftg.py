@@ -28,12 +28,11 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..data.datasets import DATASETS
-from ..models import Classifier, build_model
+from ..models import Classifier
 from ..mosaic.generator import ImageGenerator
 from ..records import TrainTask
 from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy
-from ..training import select_device
+from ..task_strategy import TaskStrategy, model_fn_for, server_options
 from .common import (classwise_probabilities, client_logits, labels_by_counts,
                      pairwise_diversity_loss, soft_cross_entropy)
 from .settings import FedFTGSettings
@@ -138,11 +137,10 @@ class FedFTGStrategy(TaskStrategy):
         """The strategy for a run config."""
         spec = DATASETS[config.dataset]
         settings = FedFTGSettings.from_config(config)
-        return cls(lambda: build_model(config.model, spec, config.model_width),
+        return cls(model_fn_for(config),
                    lambda: ImageGenerator(spec, settings.latent_dim, settings.generator_width,
                                           spec.num_classes),
-                   settings, device=select_device(config.device), seed=config.seed,
-                   score_fn=score_fn, **kwargs)
+                   settings, **server_options(config, score_fn), **kwargs)
 
     def task_for(self, server_round: int) -> TrainTask:
         """Plain local training, plus the label counts."""

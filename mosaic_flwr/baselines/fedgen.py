@@ -25,12 +25,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
-from ..data.datasets import DATASETS
-from ..models import Classifier, build_model
+from ..models import Classifier
 from ..records import GENERATOR_RECORD, TrainTask
 from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy
-from ..training import Regulariser, select_device
+from ..task_strategy import TaskStrategy, model_fn_for, server_options
+from ..training import Regulariser
 from .common import pairwise_diversity_loss
 from .settings import FedGenSettings
 
@@ -133,10 +132,8 @@ class FedGenStrategy(TaskStrategy):
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
                     **kwargs) -> "FedGenStrategy":
         """The strategy for a run config."""
-        spec = DATASETS[config.dataset]
-        return cls(lambda: build_model(config.model, spec, config.model_width),
-                   FedGenSettings.from_config(config), device=select_device(config.device),
-                   seed=config.seed, score_fn=score_fn, **kwargs)
+        return cls(model_fn_for(config), FedGenSettings.from_config(config),
+                   **server_options(config, score_fn), **kwargs)
 
     def task_for(self, server_round: int) -> TrainTask:
         """Every round: the FedGen objective and the label counts."""

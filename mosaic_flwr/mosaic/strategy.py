@@ -34,11 +34,10 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data.datasets import DATASETS
-from ..models import Classifier, build_model
+from ..models import Classifier
 from ..records import PROTOTYPE_LABELS, PROTOTYPES, STATS_RECORD, TrainTask
 from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy
-from ..training import select_device
+from ..task_strategy import TaskStrategy, model_fn_for, server_options
 from .distill import DistillWeights, distill_into
 from .experts import class_experts, ensemble_logits, expert_logits, expert_weights, head_logits
 from .generator import build_generator
@@ -90,10 +89,8 @@ class MosaicStrategy(TaskStrategy):
         """The strategy for a run config: its data set, model, generator and settings."""
         spec = DATASETS[config.dataset]
         settings = MosaicSettings.from_config(config)
-        return cls(lambda: build_model(config.model, spec, config.model_width),
-                   lambda: build_generator(spec, settings), settings,
-                   device=select_device(config.device), amp=config.amp, seed=config.seed,
-                   score_fn=score_fn, **kwargs)
+        return cls(model_fn_for(config), lambda: build_generator(spec, settings), settings,
+                   **server_options(config, score_fn), **kwargs)
 
     # ------------------------------------------------------------------ Flower API
     def summary(self) -> None:
