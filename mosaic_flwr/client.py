@@ -5,9 +5,10 @@ with every message (the server resolved and validated it), so every node trains
 with the same settings; the node's own ``node_config`` says which partition it
 holds (or where its own data lie) and may override the device and thread count
 (:mod:`mosaic_flwr.node`). A strategy that needs more than local training says
-so in the message's ``task`` record (:class:`~mosaic_flwr.records.TrainTask`): a scaled learning
-rate, label counts and prototypes, a trained generator. Only model weights,
-label counts, prototypes (k-means centres) and aggregate metrics leave the client.
+so in the message's ``task`` record (:class:`~mosaic_flwr.records.TrainTask`):
+a scaled learning rate, other epochs, a local objective (FedGen, FedCOG), label
+counts and prototypes, a trained generator. Only model weights, label counts,
+prototypes (k-means centres), generator weights and aggregate metrics leave the client.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class LocalSetup:
 
     def __init__(self, msg: Message, context: Context) -> None:
         self.context = context
-        self.node = NodeSettings.from_node_config(context.node_config, config_from_message(msg))
-        self.config = self.node.apply(config_from_message(msg))
+        config = config_from_message(msg)
+        self.node = NodeSettings.from_node_config(context.node_config, config)
+        self.config = self.node.apply(config)
         self.partition_id = self.node.partition_id
         self.server_round = int(msg.content.config_records["config"].get("server-round", 0))
         torch.set_num_threads(self.config.num_threads)
@@ -97,9 +99,9 @@ def train_settings(config: RunConfig, task: TrainTask | None = None) -> TrainSet
 
 
 #: Local objectives beyond cross-entropy, by the name a task gives:
-#: ``builder(setup, msg, task, rng, metrics) -> Regulariser``, called with the
-#: received global model before training (it may add metrics, e.g. timings).
-OBJECTIVES: dict[str, Callable[..., Regulariser]] = {
+#: ``builder(setup, msg, task, rng, metrics) -> Regulariser | None``, called with
+#: the received global model before training (it may add metrics, e.g. timings).
+OBJECTIVES: dict[str, Callable[..., Regulariser | None]] = {
     "fedgen": fedgen_regulariser,
     "fedcog": fedcog_regulariser,
 }

@@ -295,3 +295,21 @@ def test_fedcog_clients_keep_their_model_and_synthesise_from_the_start_round():
             kept, uploaded = kept.to_torch_state_dict(), reply.content["arrays"].to_torch_state_dict()
             assert all(torch.equal(kept[k], uploaded[k]) for k in kept)
     assert all(LOCAL_MODEL_RECORD not in r.content.array_records for r in grid.replies)
+
+
+def test_a_counts_only_upload_is_screened_like_any_other_reply():
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from flwr.app import Array, ArrayRecord  # pylint: disable=import-outside-toplevel
+
+    from mosaic_flwr.baselines.fedftg import FedFTGStrategy  # pylint: disable=import-outside-toplevel
+
+    strategy = FedFTGStrategy.from_config(RunConfig(strategy="fedftg"))
+    good = ArrayRecord({"label-counts": Array(np.arange(10, dtype=np.int64))})
+    assert strategy.stats_problem(good, prototypes=False) == ""
+    floats = ArrayRecord({"label-counts": Array(np.ones(10, dtype=np.float32))})
+    assert "10 non-negative integers" in strategy.stats_problem(floats, prototypes=False)
+    negative = ArrayRecord({"label-counts": Array(-np.ones(10, dtype=np.int64))})
+    assert "non-negative" in strategy.stats_problem(negative, prototypes=False)
+    extra = ArrayRecord({"label-counts": Array(np.arange(10, dtype=np.int64)),
+                         "prototypes": Array(np.zeros((1, 512), dtype=np.float32))})
+    assert "stats must hold label-counts" in strategy.stats_problem(extra, prototypes=False)

@@ -231,7 +231,8 @@ def test_plain_flwr_run_after_the_readme_setup_uses_ten_clients(tmp_path):
 
 
 #: Every baseline on a short schedule with small server budgets (same for all runs).
-SHORT_BASELINES = {"partitioner": "dirichlet", "dirichlet-alpha": 0.1, "num-server-rounds": 2,
+SHORT_BASELINES = {"partitioner": "dirichlet", "dirichlet-alpha": 0.1, "num-clients": 4,
+                   "num-server-rounds": 2,
                    "local-epochs": 1, "fedgen-generator-steps": 10, "fedftg-iterations": 2,
                    "dense-epochs": 2, "dense-generator-steps": 5,
                    "dense-synthesis-batch-size": 32, "feddf-steps": 10,
@@ -245,16 +246,17 @@ def test_every_baseline_completes_under_flwr_run(tmp_path):
     methods = ["fedgen", "fedftg", "dense", "feddf", "fedcog"]
     out = tmp_path / "baselines"
     code = main(["compare", "--methods", *methods, "--seeds", "0", "--output-dir", str(out), "-c",
-                 " ".join(f"{k}={v}" for k, v in SHORT_BASELINES.items())])
+                 " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}"
+                          for k, v in SHORT_BASELINES.items())])
     assert code == 0
     for method in methods:
-        run_dir = out / "runs" / f"{method}-alpha0.1-seed0"
+        run_dir = out / "runs" / f"{method}-seed0"
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "completed", (method, summary)
         assert summary["strategy"] == method
         assert 0.0 < summary["final_accuracy"] <= 1.0
         lines = metrics_lines(run_dir)
         assert len(lines) == (1 if method == "dense" else 2)  # DENSE is one-shot
-        assert all(line["clients_ok"] == 10 for line in lines)
+        assert all(line["clients_ok"] == 4 for line in lines)
     report = (out / "comparison.md").read_text()
     assert "partitions identical across methods for each seed: yes" in report
