@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from .baselines.fedcog import fedcog_regulariser
 from .baselines.fedgen import fedgen_regulariser
@@ -25,7 +25,7 @@ from .config import RunConfig
 from .data import BatchTransform, client_indices, load_dataset
 from .models import Classifier, build_model
 from .node import NodeSettings
-from .mosaic.client import client_generator, client_statistics
+from .mosaic.client import client_generator, client_statistics, label_counts_array
 from .mosaic.settings import MosaicSettings
 from .records import (CLIENT_RECORD, GENERATOR_RECORD, LABEL_COUNTS, LOCAL_MODEL_RECORD,
                       STATS_RECORD, TrainTask)
@@ -128,8 +128,8 @@ def handle_train(msg: Message, context: Context) -> Message:
                                                 setup.device, rng)
         metrics["stats-seconds"] = time.monotonic() - start
     elif task.upload_counts:
-        extra[STATS_RECORD] = ArrayRecord({LABEL_COUNTS: Array(
-            torch.bincount(setup.labels, minlength=setup.spec.num_classes).numpy().astype("int64"))})
+        extra[STATS_RECORD] = ArrayRecord(
+            {LABEL_COUNTS: label_counts_array(setup.labels, setup.spec.num_classes)})
     regulariser = None
     if task.objective:
         if task.objective not in OBJECTIVES:

@@ -81,6 +81,8 @@ class TaskStrategy(TolerantAggregation, FedAvg):
         self.amp = amp
         self.seed = seed
         self.score_fn = score_fn
+        #: The server step's random draws, one stream for the whole run.
+        self.rng = torch.Generator().manual_seed(seed)
         template = model_fn()
         self.num_classes = int(template.head.out_features)
         self.feature_dim = int(template.head.in_features)

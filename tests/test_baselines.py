@@ -14,14 +14,14 @@ from mosaic_flwr.baselines.dense import DenseSettings, Synthesizer, adversarial_
 from mosaic_flwr.baselines.fedcog import (complementary_counts, js_agreement,
                                           synthesize_complementary)
 from mosaic_flwr.baselines.fedftg import disagreement, generator_loss
-from mosaic_flwr.baselines.fedgen import (FeatureGenerator, head_logits, teacher_loss,
-                                          train_feature_generator)
+from mosaic_flwr.baselines.fedgen import FeatureGenerator, teacher_loss, train_feature_generator
 from mosaic_flwr.baselines.settings import FedCOGSettings, FedFTGSettings
 from mosaic_flwr.config import RunConfig
 from mosaic_flwr.data import client_indices, load_dataset, partitions_for, proxy_indices
 from mosaic_flwr.data.augment import BatchTransform
 from mosaic_flwr.data.datasets import DATASETS
 from mosaic_flwr.models import build_model
+from mosaic_flwr.mosaic.experts import head_logits
 from mosaic_flwr.mosaic.generator import ImageGenerator
 from mosaic_flwr.records import GENERATOR_RECORD, LOCAL_MODEL_RECORD, STATS_RECORD, TASK_RECORD
 from mosaic_flwr.training import TrainSettings, train
@@ -80,8 +80,9 @@ def test_fedgen_generator_training_makes_the_weighted_heads_predict_the_sampled_
         generator.eval()
         with torch.no_grad():
             y = labels.repeat(64)
-            logits = head_logits(generator(y, rng)[0], weights, biases)  # (K, B, C)
-            mixed = torch.einsum("kbc,kb->bc", logits, class_weights[:, y].float())
+            logits = head_logits({"head.weight": weights, "head.bias": biases},
+                                 generator(y, rng)[0])  # (B, K, C)
+            mixed = torch.einsum("bkc,kb->bc", logits, class_weights[:, y].float())
         return float((mixed.argmax(1) == y).float().mean())
 
     before = weighted_accuracy()
@@ -99,8 +100,8 @@ def test_fedgen_teacher_loss_weighs_each_head_by_its_share_of_the_label():
     weights = torch.stack([torch.eye(2), -torch.eye(2)])  # head 0 right, head 1 wrong
     biases = torch.zeros(2, 2)
     label = torch.tensor([0])
-    ce = [float(torch.nn.functional.cross_entropy(head_logits(features, weights, biases)[k], label))
-          for k in range(2)]
+    logits = head_logits({"head.weight": weights, "head.bias": biases}, features)  # (B, K, C)
+    ce = [float(torch.nn.functional.cross_entropy(logits[:, k], label)) for k in range(2)]
     only_first = torch.tensor([[1.0, 0.5], [0.0, 0.5]])
     assert abs(float(teacher_loss(features, label, weights, biases, only_first)) - ce[0]) < 1e-6
     half = torch.tensor([[0.5, 0.5], [0.5, 0.5]])

@@ -150,7 +150,6 @@ class DenseStrategy(TaskStrategy):
         self.settings.validate()
         self.synthesis_generator_fn = generator_fn
         self.local_epochs = local_epochs
-        self.rng = torch.Generator().manual_seed(self.seed)
 
     @classmethod
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,

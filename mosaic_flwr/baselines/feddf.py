@@ -69,7 +69,6 @@ class FedDFStrategy(TaskStrategy):
         if self.settings.inputs == "proxy" and (proxy_inputs is None or len(proxy_inputs) == 0):
             raise ValueError("FedDF with inputs='proxy' needs proxy_inputs (set proxy-fraction > 0)")
         self.proxy_inputs = proxy_inputs
-        self.rng = torch.Generator().manual_seed(self.seed)
 
     @classmethod
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,

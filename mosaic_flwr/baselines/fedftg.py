@@ -129,7 +129,6 @@ class FedFTGStrategy(TaskStrategy):
         self.generator = generator_fn().to(self.device)
         if not self.generator.num_classes:
             raise ValueError("FedFTG needs a label-conditioned generator (num_classes > 0)")
-        self.rng = torch.Generator().manual_seed(self.seed)
 
     @classmethod
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,

@@ -30,6 +30,7 @@ from ..records import GENERATOR_RECORD, TrainTask
 from ..strategies import ScoreFn
 from ..task_strategy import TaskStrategy, model_fn_for, server_options
 from ..training import Regulariser
+from ..mosaic.experts import head_logits
 from .common import pairwise_diversity_loss
 from .settings import FedGenSettings
 
@@ -65,15 +66,11 @@ def build_feature_generator(num_classes: int, feature_dim: int,
     return FeatureGenerator(num_classes, feature_dim, settings.noise_dim, settings.hidden_dim)
 
 
-def head_logits(features: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
-    """Logits of K linear heads ``weights`` (K, C, D), ``biases`` (K, C): (K, batch, C)."""
-    return torch.einsum("bd,kcd->kbc", features, weights) + biases.unsqueeze(1)
-
-
 def teacher_loss(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
                  biases: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
-    """``sum_k mean_i w[k, y_i] * CE(head_k(features_i), y_i)`` (FedGen's teacher loss)."""
-    logits = head_logits(features, weights, biases)  # (K, B, C)
+    """``sum_k mean_i w[k, y_i] * CE(head_k(features_i), y_i)`` (FedGen's teacher loss) for
+    K heads ``weights`` (K, C, D), ``biases`` (K, C) and class weights (K, C)."""
+    logits = head_logits({"head.weight": weights, "head.bias": biases}, features).transpose(0, 1)
     num_heads = logits.shape[0]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[2]), labels.repeat(num_heads),
                          reduction="none").view(num_heads, -1)
@@ -125,7 +122,6 @@ class FedGenStrategy(TaskStrategy):
                                           weight_decay=1e-2)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(
             self.optimiser, gamma=self.settings.generator_lr_decay)
-        self.rng = torch.Generator().manual_seed(self.seed)
         self.generator_ready = False
 
     @classmethod

@@ -30,17 +30,21 @@ def extract_features(model: nn.Module, images: torch.Tensor, transform: BatchTra
     return torch.cat(chunks) if chunks else torch.zeros(0, model.feature_dim)
 
 
+def label_counts_array(labels: torch.Tensor, num_classes: int) -> Array:
+    """Per-class sample counts as the int64 array clients upload (``label-counts``)."""
+    return Array(torch.bincount(labels, minlength=num_classes).numpy().astype("int64"))
+
+
 def client_statistics(global_model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       transform: BatchTransform, num_classes: int, settings: MosaicSettings,
                       device: torch.device, rng: torch.Generator) -> ArrayRecord:
     """Label counts and per-class prototypes under the received global model's features."""
-    counts = torch.bincount(labels, minlength=num_classes)
     features = extract_features(global_model, images, transform, device)
     centres, centre_labels = prototype_centres(
         features, labels, num_classes, settings.prototypes_per_class,
         settings.prototype_min_cluster, rng)
     return ArrayRecord({
-        LABEL_COUNTS: Array(counts.numpy().astype("int64")),
+        LABEL_COUNTS: label_counts_array(labels, num_classes),
         PROTOTYPES: Array(centres.numpy().astype("float32")),
         PROTOTYPE_LABELS: Array(centre_labels.numpy().astype("int64")),
     })

@@ -187,8 +187,7 @@ class MosaicStrategy(TaskStrategy):
             return fuse(expert_logits(template, experts, x).permute(1, 0, 2))
 
         start = time.monotonic()
-        student = self.model_fn().to(device)
-        student.load_state_dict(global_arrays.to_torch_state_dict())
+        student = self.global_model(global_arrays)
         sample = self._sampler(replies, rng)
         if self.score_fn is not None:
             student.eval()
