@@ -13,7 +13,9 @@ prototypes (k-means centres), generator weights and aggregate metrics leave the 
 
 from __future__ import annotations
 
+import copy
 import time
+import zlib
 from typing import Callable
 
 import torch
@@ -21,14 +23,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from .baselines.fedcog import fedcog_regulariser
 from .baselines.fedgen import fedgen_regulariser
+from .client_models import client_model_spec, global_model_spec
 from .config import RunConfig
 from .data import BatchTransform, client_indices, load_dataset
-from .models import Classifier, build_model
+from .models import Classifier, ModelSpec
 from .node import NodeSettings
-from .mosaic.client import client_generator, client_statistics, label_counts_array
+from .mosaic.client import (client_generator, extract_features, label_counts_array, probe_head,
+                            prototype_statistics)
 from .mosaic.settings import MosaicSettings
-from .records import (CLIENT_RECORD, GENERATOR_RECORD, LABEL_COUNTS, LOCAL_MODEL_RECORD,
-                      STATS_RECORD, TrainTask)
+from .records import (CLIENT_RECORD, GENERATOR_RECORD, GLOBAL_MODEL_RECORD, LABEL_COUNTS,
+                      LOCAL_MODEL_RECORD, STATS_RECORD, TrainTask)
+from .submodels import extract_submodel, submodel_indices
 from .training import Regulariser, TrainSettings, evaluate, select_device, train
 
 #: Keys the strategy adds to the run config in every message.
@@ -46,10 +51,14 @@ def round_seed(config: RunConfig, pid: int, server_round: int) -> int:
     return (config.seed * 1_000_003 + pid * 10_007 + server_round) % (2**63)
 
 
-class LocalSetup:
-    """Everything one client needs for one message: config, data, device, model."""
+class LocalSetup:  # pylint: disable=too-many-instance-attributes
+    """Everything one client needs for one message: config, data, device, model.
 
-    def __init__(self, msg: Message, context: Context) -> None:
+    For training (``task`` given) ``model`` is this client's own model
+    (:meth:`own_model`); for evaluation it is the received global model.
+    """
+
+    def __init__(self, msg: Message, context: Context, task: TrainTask | None = None) -> None:
         self.context = context
         config = config_from_message(msg)
         self.node = NodeSettings.from_node_config(context.node_config, config)
@@ -69,15 +78,59 @@ class LocalSetup:
         self.labels = torch.from_numpy(labels)
         self.spec = data.spec
         self.transform = BatchTransform(data.spec, self.device)
-        self.model: Classifier = build_model(self.config.model, data.spec, self.config.model_width)
-        self.model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        self.global_spec = global_model_spec(self.config)
+        self.model_spec = (ModelSpec.parse(self.node.model) if self.node.model
+                           else client_model_spec(self.config, self.partition_id))
+        received = msg.content.array_records["arrays"].to_torch_state_dict()
+        if task is None:
+            self.model: Classifier = self.global_spec.build(data.spec)
+            self.model.load_state_dict(received)
+        else:
+            self.model = self.own_model(received, task)
         self.seed = round_seed(self.config, self.partition_id, self.server_round)
+
+    @property
+    def is_global(self) -> bool:
+        """True when this client trains the global model itself."""
+        return self.model_spec == self.global_spec
+
+    def own_model(self, received: dict[str, torch.Tensor], task: TrainTask) -> Classifier:
+        """This client's model, starting from what the server sent.
+
+        The received arrays are loaded when they are this model; a width
+        sub-model is cut from them when the task slices; any other model starts
+        from an initialisation seeded by the run seed and the model's name (so
+        the clients of one group start alike), and from then on the server
+        sends the group's average.
+        """
+        sent = ModelSpec.parse(task.arrays_model) if task.arrays_model else self.global_spec
+        own = self.model_spec
+        model = own.build(self.spec, seed=zlib.crc32(f"{self.config.seed}:{own}".encode()))
+        if own == sent:
+            model.load_state_dict(received)
+        elif task.slicing and own.holds_slice_of(sent):
+            indices = submodel_indices({k: tuple(v.shape) for k, v in received.items()},
+                                       {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                       task.slicing, self.server_round, model.flatten_units)
+            model.load_state_dict(extract_submodel(received, indices))
+        return model
+
+    def global_model(self, msg: Message) -> Classifier:
+        """The global model as received (a copy when this client trains another model)."""
+        if self.is_global:
+            return self.model
+        records = msg.content.array_records
+        arrays = records.get(GLOBAL_MODEL_RECORD) or records["arrays"]
+        model = self.global_spec.build(self.spec, seed=0)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return model
 
     def reply(self, msg: Message, metrics: dict, with_model: bool,
               extra: dict[str, ArrayRecord] | None = None) -> Message:
         """A reply with the (trained) model if asked, extra records, the metrics and the sender."""
         content = RecordDict({"metrics": MetricRecord(metrics),
-                              CLIENT_RECORD: ConfigRecord({"partition-id": self.partition_id})})
+                              CLIENT_RECORD: ConfigRecord({"partition-id": self.partition_id,
+                                                           "model": str(self.model_spec)})})
         if with_model:
             content["arrays"] = ArrayRecord(self.model.to("cpu").state_dict())
         for name, record in (extra or {}).items():
@@ -114,8 +167,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     features, and so is the objective's set-up (FedCOG's complementary data);
     the generator is trained after training, against the trained local model.
     """
-    setup = LocalSetup(msg, context)
     task = TrainTask.from_message(msg)
+    setup = LocalSetup(msg, context, task)
     torch.manual_seed(setup.seed)
     rng = torch.Generator().manual_seed(setup.seed)
     extra: dict[str, ArrayRecord] = {}
@@ -123,9 +176,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     mosaic = MosaicSettings.from_mapping(task.settings)
     if task.upload_stats:
         start = time.monotonic()
-        extra[STATS_RECORD] = client_statistics(setup.model, setup.images, setup.labels,
-                                                setup.transform, setup.spec.num_classes, mosaic,
-                                                setup.device, rng)
+        global_model = setup.global_model(msg)
+        global_head = copy.deepcopy(global_model.head)
+        global_features = extract_features(global_model, setup.images, setup.transform,
+                                           setup.device)
+        extra[STATS_RECORD] = prototype_statistics(global_features, setup.labels,
+                                                   setup.spec.num_classes, mosaic, rng)
         metrics["stats-seconds"] = time.monotonic() - start
     elif task.upload_counts:
         extra[STATS_RECORD] = ArrayRecord(
@@ -140,6 +196,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     result = train(setup.model, setup.images, setup.labels, setup.transform,
                    train_settings(setup.config, task), setup.device, rng, regulariser)
     metrics["train-seconds"] = time.monotonic() - start
+    if task.upload_stats:  # the trained model's predictions, read from global-model features
+        logits = local_logits(setup)
+        extra[STATS_RECORD] = ArrayRecord({**dict(extra[STATS_RECORD].items()),
+                                           **probe_head(global_features, logits, global_head)})
     if task.keep_model:  # stays on the node, for the next round (FedCOG)
         context.state[LOCAL_MODEL_RECORD] = ArrayRecord(
             {k: v.detach().cpu() for k, v in setup.model.state_dict().items()})
@@ -153,6 +213,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     metrics.update({"num-examples": result.num_examples, "train-loss": result.loss,
                     "train-accuracy": result.accuracy})
     return setup.reply(msg, metrics, with_model=True, extra=extra)
+
+
+@torch.no_grad()
+def local_logits(setup: LocalSetup) -> torch.Tensor:
+    """The client's (trained) model's logits on its own data, on the CPU."""
+    features = extract_features(setup.model, setup.images, setup.transform, setup.device)
+    return setup.model.head(features.to(setup.device)).float().cpu()
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

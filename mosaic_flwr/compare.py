@@ -38,6 +38,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "dense": {"strategy": "dense"},
     "feddf": {"strategy": "feddf"},
     "fedcog": {"strategy": "fedcog"},
+    "heterofl": {"strategy": "heterofl"},
+    "fedrolex": {"strategy": "fedrolex"},
     # Ablations of Mosaic: each switches one part off.
     "mosaic-no-meta": {"strategy": "mosaic", "mosaic-meta-model": False},
     "mosaic-noise-inputs": {"strategy": "mosaic", "mosaic-generators": False},
@@ -55,6 +57,8 @@ DESCRIPTIONS = {
     "dense": "DENSE (one-shot: one round of local training, then server synthesis + distillation)",
     "feddf": "FedDF (ensemble distillation every round; inputs per feddf-inputs)",
     "fedcog": "FedCOG (clients synthesise complementary data against the global model)",
+    "heterofl": "HeteroFL (width sub-models: static slices, averaged slice-wise)",
+    "fedrolex": "FedRolex (width sub-models: slices roll one channel per round)",
     "mosaic-no-meta": "Mosaic, meta model off (count-weighted expert ensemble as teacher)",
     "mosaic-noise-inputs": "Mosaic, generators off (Gaussian noise as distillation inputs)",
     "mosaic-uniform-experts": "Mosaic, experts mixed with uniform client weights",

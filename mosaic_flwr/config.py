@@ -72,6 +72,8 @@ class CoreConfig:  # pylint: disable=too-many-instance-attributes
     proximal_mu: float = 0.01
     model: str = "cnn"
     model_width: float = 1.0
+    global_model: str = ""
+    client_models: str = ""
     augment: bool = True
     seed: int = 0
     device: str = "auto"
@@ -167,7 +169,36 @@ class CoreConfig:  # pylint: disable=too-many-instance-attributes
             raise ConfigError("run-name", self.run_name, "must be a plain folder name")
         if not 0.0 <= self.proxy_fraction < 1.0:
             raise ConfigError("proxy-fraction", self.proxy_fraction, "must be in [0, 1)")
+        self._validate_models()
         self._validate_methods()
+
+    def _validate_models(self) -> None:
+        """``global-model`` and ``client-models`` parse, and the strategy can combine them."""
+        # Imported here: these modules import this one.
+        from .client_models import assign_client_models, global_model_spec  # pylint: disable=import-outside-toplevel
+        from .strategies import STRATEGIES, model_mixing  # pylint: disable=import-outside-toplevel
+        try:
+            global_spec = global_model_spec(self)
+        except ValueError as err:
+            raise ConfigError("global-model", self.global_model, str(err)) from None
+        try:
+            specs = assign_client_models(self.client_models, self.num_clients, self.seed,
+                                         global_spec)
+        except ValueError as err:
+            raise ConfigError("client-models", self.client_models, str(err)) from None
+        others = sorted({str(s) for s in specs if s != global_spec})
+        if not others:
+            return
+        mixing = model_mixing(self.strategy)
+        if not mixing:
+            raise ConfigError("client-models", self.client_models,
+                              f"strategy {self.strategy!r} needs every client to train the global "
+                              f"model {global_spec}; strategies that combine different client "
+                              f"models: {', '.join(n for n in STRATEGIES if model_mixing(n))}")
+        if mixing == "width" and not all(s.holds_slice_of(global_spec) for s in specs):
+            raise ConfigError("client-models", self.client_models,
+                              f"strategy {self.strategy!r} needs width sub-models of the global "
+                              f"model {global_spec} (same family, width <= {global_spec.width:g})")
 
     def _validate_methods(self) -> None:
         """Every method's settings, and the named strategy's needs from the rest of the config."""
@@ -248,6 +279,9 @@ def load_preset(name: str) -> dict[str, Any]:
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ConfigError("preset", name, f"{path} must hold a mapping of run-config keys")
+    if "client-models" in values:  # a mapping or per-partition list is allowed in YAML
+        from .client_models import client_models_value  # pylint: disable=import-outside-toplevel
+        values["client-models"] = client_models_value(values["client-models"])
     known = set(RunConfig.keys())
     for key in values:
         if key not in known or key == "preset":

@@ -280,9 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--output-dir", type=Path, default=Path("outputs/comparison"))
     cmp_.add_argument("--cpus-per-client", type=int, default=1)
     cmp_.add_argument("--gpus-per-client", type=float, default=0.0)
+    local = sub.add_parser("local-only", help="the no-federation reference: every client "
+                                              "trains its own model alone")
+    local.add_argument("-c", "--run-config", action="append", default=[],
+                       help="run-config values (data, partitions, client-models, budget)")
+    local.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    local.add_argument("--output-dir", type=Path, default=Path("outputs/local-only"))
     args = parser.parse_args(argv)
     if args.command == "compare":
         return _compare(args)
+    if args.command == "local-only":
+        return _local_only(args)
     try:
         outcome = simulate(parse_overrides(args.run_config), app_dir=args.app,
                            output_dir=args.output_dir, cpus_per_client=args.cpus_per_client,
@@ -321,6 +329,28 @@ def _compare(args: argparse.Namespace) -> int:
     print(report.read_text(encoding="utf-8"))
     print(f"report: {report}")
     return 0 if all(row["status"] == "finished:completed" for row in rows) else 1
+
+
+def _local_only(args: argparse.Namespace) -> int:
+    # Imported here: it trains models (torch), which the launcher itself does not need.
+    from .local_only import local_only, summarise, write_csv  # pylint: disable=import-outside-toplevel
+
+    try:
+        base = resolve_overrides(parse_overrides(args.run_config))
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = []
+    for seed in args.seeds:
+        rows += local_only(base.replace(seed=seed))
+        print(f"[local-only] seed {seed} done")
+    write_csv(rows, args.output_dir / "local-only.csv")
+    print("| client model | local-only test accuracy (mean ± std over seeds) | seeds |")
+    print("|---|---|---|")
+    for model, (mean, spread, count) in summarise(rows).items():
+        print(f"| {model} | {mean:.4f} ± {spread:.4f} | {count} |")
+    print(f"rows: {(args.output_dir / 'local-only.csv').resolve()}")
+    return 0
 
 
 if __name__ == "__main__":

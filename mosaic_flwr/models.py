@@ -9,6 +9,7 @@ sub-models), and the input shape and class count come from the data set.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,6 +26,10 @@ class Classifier(nn.Module):
         self.body = body
         self.feature_dim = feature_dim
         self.head = nn.Linear(feature_dim, num_classes)
+        #: ``{parameter name: u}`` for a linear layer that follows a ``Flatten`` of
+        #: (channels, u) maps: its input dimension is channel-major blocks of u
+        #: entries, which width sub-models keep or drop whole (:mod:`mosaic_flwr.submodels`).
+        self.flatten_units: dict[str, int] = {}
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features, shape (batch, feature_dim)."""
@@ -47,7 +52,9 @@ def cnn(spec: DatasetSpec, width: float = 1.0) -> Classifier:
         nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(c2 * spatial * spatial, hidden), nn.ReLU(inplace=True),
     )
-    return Classifier(body, hidden, spec.num_classes)
+    model = Classifier(body, hidden, spec.num_classes)
+    model.flatten_units = {"body.7.weight": spatial * spatial}
+    return model
 
 
 class BasicBlock(nn.Module):
@@ -108,3 +115,50 @@ MODELS: dict[str, Callable[[DatasetSpec, float], Classifier]] = {
 def build_model(name: str, spec: DatasetSpec, width: float = 1.0) -> Classifier:
     """Instantiate a registered classifier for a data set's input shape and classes."""
     return MODELS[name](spec, width)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture at a width, written ``name@width`` (``resnet18@0.5``).
+
+    Clients and server name models this way in the run config
+    (``client-models``, ``global-model``), in a SuperNode's ``--node-config
+    model=...`` and in replies, so both sides build the same architecture.
+    """
+
+    name: str
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise ValueError(f"unknown model {self.name!r} in {self}; known: {', '.join(MODELS)}")
+        if not self.width > 0:
+            raise ValueError(f"model width must be > 0 in {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        """``"cnn"`` or ``"resnet18@0.5"`` -> ModelSpec; ValueError for anything else."""
+        name, sep, width = text.strip().partition("@")
+        if not sep:
+            return cls(name)
+        try:
+            value = float(width)
+        except ValueError:
+            raise ValueError(f"bad model width in {text!r}: expected name@number") from None
+        return cls(name, value)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.width:g}"
+
+    def build(self, spec: DatasetSpec, seed: int | None = None) -> Classifier:
+        """The model for a data set; with ``seed``, initialised from that seed alone
+        (the global torch RNG is left as it was)."""
+        if seed is None:
+            return build_model(self.name, spec, self.width)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_model(self.name, spec, self.width)
+
+    def holds_slice_of(self, other: "ModelSpec") -> bool:
+        """True when this model is a width sub-model of ``other`` (same family, not wider)."""
+        return self.name == other.name and self.width <= other.width

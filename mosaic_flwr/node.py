@@ -10,6 +10,9 @@ message). A SuperNode's ``--node-config`` holds what differs between machines:
   split instead of a partition of the shared data;
 - ``device`` (``cpu``, ``cuda``, ``cuda:N``) and ``num-threads``: override the
   run config on this node;
+- ``model``: the model this node trains (``name@width``, e.g. ``resnet8@0.5``),
+  instead of its ``client-models`` entry; the strategy must combine it with
+  the global model (:mod:`mosaic_flwr.client_models`);
 - ``log-dir``: an absolute folder where the node appends one JSON line per
   message it answered (``client-<partition-id>.jsonl``).
 
@@ -26,9 +29,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import DEVICES, RunConfig
+from .models import ModelSpec
 
 #: The node_config keys a SuperNode may set.
-NODE_KEYS = ("partition-id", "num-partitions", "data-path", "device", "num-threads", "log-dir")
+NODE_KEYS = ("partition-id", "num-partitions", "data-path", "device", "num-threads", "log-dir",
+             "model")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class NodeSettings:
     device: str = ""
     num_threads: int = 0
     log_dir: str = ""
+    model: str = ""
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any], config: RunConfig) -> "NodeSettings":
@@ -66,7 +72,13 @@ class NodeSettings:
         log_dir = str(node.get("log-dir", ""))
         if log_dir and not Path(log_dir).is_absolute():
             raise ValueError(f"node_config log-dir={log_dir!r}: must be an absolute path")
-        return cls(pid, str(node.get("data-path", "")), device, threads, log_dir)
+        model = str(node.get("model", ""))
+        if model:
+            try:
+                ModelSpec.parse(model)
+            except ValueError as err:
+                raise ValueError(f"node_config model={model!r}: {err}") from None
+        return cls(pid, str(node.get("data-path", "")), device, threads, log_dir, model)
 
     def apply(self, config: RunConfig) -> RunConfig:
         """The run config as this node runs it (its device and thread count win)."""

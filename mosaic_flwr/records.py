@@ -10,14 +10,20 @@ Reply records:
 
 - ``arrays`` (ArrayRecord): the trained classifier;
 - ``metrics`` (MetricRecord): ``num-examples`` and training metrics;
-- ``client`` (ConfigRecord): the sender's ``partition-id``;
+- ``client`` (ConfigRecord): the sender's ``partition-id`` and ``model``
+  (``name@width``, the architecture of its ``arrays``);
 - ``generator`` (ArrayRecord): the client's image generator, when asked;
 - ``stats`` (ArrayRecord): ``label-counts`` (per class), and with them
   ``prototypes`` (k-means feature centres) and ``prototype-labels`` (the class
-  of each centre) when prototypes are asked for.
+  of each centre) when prototypes are asked for, and ``probe-weight`` and
+  ``probe-bias``: a linear head on the global model's features that mimics the
+  client's trained model (how Mosaic's meta model sees a client whose
+  architecture differs from the global model's).
 
 An instruction may carry a ``generator`` ArrayRecord too: the server's generator
-that a client's local objective uses (FedGen).
+that a client's local objective uses (FedGen); and a ``global-model``
+ArrayRecord when ``arrays`` holds the client's own architecture, not the global
+model, but the task needs the global model (Mosaic's prototypes).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ LOCAL_MODEL_RECORD = "local-model"
 LABEL_COUNTS = "label-counts"
 PROTOTYPES = "prototypes"
 PROTOTYPE_LABELS = "prototype-labels"
+PROBE_WEIGHT = "probe-weight"
+PROBE_BIAS = "probe-bias"
+GLOBAL_MODEL_RECORD = "global-model"
 
 #: Prefix of the task keys that carry the strategy's client-side settings.
 SETTING_PREFIX = "setting."
@@ -66,6 +75,14 @@ class TrainTask:
     keep_model : bool
         Keep the trained model in the node's state for the next round
         (FedCOG's previous local model); it never leaves the node.
+    arrays_model : str
+        The architecture (``name@width``) of the instruction's ``arrays``; empty
+        means the run's global model. A client whose own model differs cuts a
+        width sub-model from them (``slicing``) or, for another architecture,
+        starts from its own seeded initialisation.
+    slicing : str
+        How width sub-models are cut from the global model: ``"static"``
+        (HeteroFL), ``"rolling"`` (FedRolex), or ``""`` (not at all).
     settings : dict
         The strategy's client-side settings (prototype k, generator losses, ...).
     """
@@ -78,6 +95,8 @@ class TrainTask:
     upload_stats: bool = False
     upload_generator: bool = False
     keep_model: bool = False
+    arrays_model: str = ""
+    slicing: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> ConfigRecord:
@@ -86,7 +105,8 @@ class TrainTask:
             "phase": self.phase, "learning-rate-scale": self.learning_rate_scale,
             "local-epochs": self.local_epochs, "objective": self.objective,
             "upload-counts": self.upload_counts, "upload-stats": self.upload_stats,
-            "upload-generator": self.upload_generator, "keep-model": self.keep_model}
+            "upload-generator": self.upload_generator, "keep-model": self.keep_model,
+            "arrays-model": self.arrays_model, "slicing": self.slicing}
         record.update({SETTING_PREFIX + k: v for k, v in self.settings.items()})
         return ConfigRecord(record)
 
@@ -105,5 +125,7 @@ class TrainTask:
             upload_stats=bool(record.get("upload-stats", False)),
             upload_generator=bool(record.get("upload-generator", False)),
             keep_model=bool(record.get("keep-model", False)),
+            arrays_model=str(record.get("arrays-model", "")),
+            slicing=str(record.get("slicing", "")),
             settings={k[len(SETTING_PREFIX):]: v for k, v in record.items()
                       if k.startswith(SETTING_PREFIX)})

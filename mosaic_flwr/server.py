@@ -18,9 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from .client_models import global_model_spec
 from .config import ConfigError, RunConfig, resolve_run_config
 from .data import BatchTransform, DatasetUnavailableError, label_counts, load_dataset, partitions_for
-from .models import build_model
 from .results import RunRecorder, make_run_dir
 from .strategies import build_strategy
 from .training import evaluate, evaluate_predictor, select_device
@@ -58,7 +58,7 @@ class CentralEvaluator:
         data = load_dataset(config.dataset, config.data_path)
         self.config = config
         self.device = select_device(config.device)
-        self.model = build_model(config.model, data.spec, config.model_width)
+        self.model = global_model_spec(config).build(data.spec)
         self.transform = BatchTransform(data.spec, self.device)
         self.images = torch.from_numpy(data.test_images)
         self.labels = torch.from_numpy(data.test_labels)

@@ -227,12 +227,20 @@ class TolerantAggregation:
 
     def average(self, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
         """Sample-weighted average of the replies' models and of their metrics."""
-        records = [RecordDict({self.arrayrecord_key: m.content.array_records[self.arrayrecord_key],
-                               "metrics": next(iter(m.content.metric_records.values()))})
+        arrays = average_arrays([m.content.array_records[self.arrayrecord_key] for m in replies],
+                                self.reply_weights(replies))
+        return arrays, self.average_metrics(replies)
+
+    def reply_weights(self, replies: list[Message]) -> list[float]:
+        """Each reply's aggregation weight (its ``weighted_by_key`` metric, e.g. num-examples)."""
+        return [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key])
+                for m in replies]
+
+    def average_metrics(self, replies: list[Message]) -> MetricRecord | None:
+        """The replies' training metrics, averaged by the strategy's metric aggregation."""
+        records = [RecordDict({"metrics": next(iter(m.content.metric_records.values()))})
                    for m in replies]
-        weights = [float(r["metrics"][self.weighted_by_key]) for r in records]  # type: ignore[index]
-        arrays = average_arrays([r.array_records[self.arrayrecord_key] for r in records], weights)
-        return arrays, self.train_metrics_aggr_fn(records, self.weighted_by_key)  # type: ignore[attr-defined]
+        return self.train_metrics_aggr_fn(records, self.weighted_by_key)  # type: ignore[attr-defined]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -283,13 +291,20 @@ def _sampling(config: RunConfig) -> dict:
     }
 
 
-def _from_config(module: str, name: str) -> Callable[[RunConfig, "ScoreFn | None"], Strategy]:
-    """A builder that imports ``module.name`` when called (those modules build on this one)
-    and makes the strategy with its ``from_config``."""
-    def build(config: RunConfig, score_fn: ScoreFn | None) -> Strategy:
-        strategy_class = getattr(importlib.import_module(module, __package__), name)
-        return strategy_class.from_config(config, score_fn=score_fn, **_sampling(config))
-    return build
+class _FromConfig:  # pylint: disable=too-few-public-methods
+    """A strategy builder that imports ``module.name`` only when used (those modules
+    build on this one) and makes the strategy with its ``from_config``."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    @property
+    def strategy_class(self) -> type:
+        """The strategy class (imported now)."""
+        return getattr(importlib.import_module(self.module, __package__), self.name)
+
+    def __call__(self, config: RunConfig, score_fn: ScoreFn | None) -> Strategy:
+        return self.strategy_class.from_config(config, score_fn=score_fn, **_sampling(config))
 
 
 #: Scores a predictor (classifier inputs -> logits) on held-out data; for reporting only.
@@ -300,13 +315,29 @@ STRATEGIES: dict[str, Callable[[RunConfig, ScoreFn | None], Strategy]] = {
     "fedavg": lambda config, _: TolerantFedAvg(**_sampling(config)),
     "fedprox": lambda config, _: TolerantFedProx(proximal_mu=config.proximal_mu,
                                                  **_sampling(config)),
-    "mosaic": _from_config(".mosaic.strategy", "MosaicStrategy"),
-    "fedgen": _from_config(".baselines.fedgen", "FedGenStrategy"),
-    "fedftg": _from_config(".baselines.fedftg", "FedFTGStrategy"),
-    "dense": _from_config(".baselines.dense", "DenseStrategy"),
-    "feddf": _from_config(".baselines.feddf", "FedDFStrategy"),
-    "fedcog": _from_config(".baselines.fedcog", "FedCOGStrategy"),
+    "mosaic": _FromConfig(".mosaic.strategy", "MosaicStrategy"),
+    "fedgen": _FromConfig(".baselines.fedgen", "FedGenStrategy"),
+    "fedftg": _FromConfig(".baselines.fedftg", "FedFTGStrategy"),
+    "dense": _FromConfig(".baselines.dense", "DenseStrategy"),
+    "feddf": _FromConfig(".baselines.feddf", "FedDFStrategy"),
+    "fedcog": _FromConfig(".baselines.fedcog", "FedCOGStrategy"),
+    "heterofl": _FromConfig(".baselines.heterofl", "HeteroFLStrategy"),
+    "fedrolex": _FromConfig(".baselines.heterofl", "FedRolexStrategy"),
 }
+
+def strategy_class(name: str) -> type:
+    """The class a registered strategy name builds."""
+    builder = STRATEGIES[name]
+    if isinstance(builder, _FromConfig):
+        return builder.strategy_class
+    return {"fedavg": TolerantFedAvg, "fedprox": TolerantFedProx}[name]
+
+
+def model_mixing(name: str) -> str:
+    """Which different client models a strategy combines (its ``MIXED_MODELS``): ``""``
+    (none: every client trains the global model), ``"width"`` (width sub-models of the
+    global model) or ``"any"`` (any architecture)."""
+    return getattr(strategy_class(name), "MIXED_MODELS", "")
 
 
 def build_strategy(config: RunConfig, score_fn: ScoreFn | None = None) -> Strategy:

@@ -261,3 +261,32 @@ def test_every_baseline_completes_under_flwr_run(tmp_path):
         assert all(line["clients_ok"] == 4 for line in lines)
     report = (out / "comparison.md").read_text()
     assert "partitions identical across methods for each seed: yes" in report
+
+
+WIDTH_GROUPS = "cnn@1,cnn@0.5,cnn@0.25"
+ARCHITECTURES = "cnn,resnet8@0.5,resnet18@0.25"
+
+
+@pytest.mark.parametrize("overrides", [
+    {"strategy": "heterofl", "num-server-rounds": 2, "local-epochs": 1},
+    {"strategy": "fedrolex", "num-server-rounds": 2, "local-epochs": 1},
+    SHORT_MOSAIC,
+], ids=["heterofl", "fedrolex", "mosaic"])
+def test_three_width_groups_complete_under_flwr_run(superlink, tmp_path, overrides):
+    outcome = simulate({**overrides, "client-models": WIDTH_GROUPS}, superlink=superlink,
+                       output_dir=tmp_path)
+    assert outcome.completed, outcome.log[-3000:]
+    lines = metrics_lines(outcome.run_dir)
+    assert len(lines) == overrides["num-server-rounds"]
+    assert all(line["clients_ok"] == 10 and line["clients_failed"] == 0 for line in lines)
+    assert outcome.summary["final_accuracy"] > 0.1
+
+
+def test_mosaic_with_three_architectures_completes_under_flwr_run(superlink, tmp_path):
+    outcome = simulate({**SHORT_MOSAIC, "global-model": "cnn", "client-models": ARCHITECTURES},
+                       superlink=superlink, output_dir=tmp_path)
+    assert outcome.completed, outcome.log[-3000:]
+    distill = metrics_lines(outcome.run_dir)[1]
+    assert distill["phase"] == "distill" and distill["clients_ok"] == 10
+    for key in ("teacher_accuracy", "ensemble_accuracy", "student_accuracy_after"):
+        assert 0.0 <= distill[key] <= 1.0, key

@@ -16,8 +16,8 @@ from mosaic_flwr.models import build_model
 from mosaic_flwr.mosaic.client import extract_features
 from mosaic_flwr.mosaic.generator import build_generator
 from mosaic_flwr.mosaic.settings import MosaicSettings
-from mosaic_flwr.records import (GENERATOR_RECORD, LABEL_COUNTS, PROTOTYPE_LABELS, PROTOTYPES,
-                                 STATS_RECORD, TASK_RECORD)
+from mosaic_flwr.records import (GENERATOR_RECORD, LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT,
+                                 PROTOTYPE_LABELS, PROTOTYPES, STATS_RECORD, TASK_RECORD)
 from mosaic_flwr.strategies import NotEnoughRepliesError, average_arrays, build_strategy
 from mosaic_flwr.server import CentralEvaluator
 
@@ -107,7 +107,8 @@ def test_nothing_per_sample_leaves_a_client(short_run):
         images = torch.from_numpy(data.train_images[idx])
         labels = torch.from_numpy(data.train_labels[idx])
         assert set(content.config_records) == {"client"}
-        assert dict(content.config_records["client"]) == {"partition-id": pid}
+        assert dict(content.config_records["client"]) == {"partition-id": pid,
+                                                          "model": "cnn@1"}
         assert set(content.metric_records) == {"metrics"}
         assert all(isinstance(v, (int, float)) for v in content.metric_records["metrics"].values())
         assert set(content.array_records) <= {"arrays", GENERATOR_RECORD, STATS_RECORD}
@@ -119,7 +120,9 @@ def test_nothing_per_sample_leaves_a_client(short_run):
         if STATS_RECORD not in content.array_records:
             continue
         stats = content.array_records[STATS_RECORD]
-        assert set(stats.keys()) == {LABEL_COUNTS, PROTOTYPES, PROTOTYPE_LABELS}
+        assert set(stats.keys()) == {LABEL_COUNTS, PROTOTYPES, PROTOTYPE_LABELS, PROBE_WEIGHT,
+                                     PROBE_BIAS}
+        assert stats[PROBE_WEIGHT].shape == (10, build_model(config.model, data.spec).feature_dim)
         assert stats[LABEL_COUNTS].numpy().tolist() == np.bincount(
             labels.numpy(), minlength=10).tolist()
         protos = torch.from_numpy(stats[PROTOTYPES].numpy())

@@ -12,6 +12,8 @@ Where each method lives (settings for all of them in :mod:`.settings`):
   inputs (a proxy split or client generators);
 - :mod:`.fedcog`: FedCOG (Ye et al. 2024): clients synthesise complementary data
   against the global model; the server is FedAvg;
+- :mod:`.heterofl`: HeteroFL (Diao et al. 2021) and FedRolex (Alam et al. 2022):
+  width sub-models of the global model, static or rolling slices;
 - :mod:`.common`: what several of them share (ensembles, diversity loss).
 
 Import the strategies from their modules or the package top (``from mosaic_flwr

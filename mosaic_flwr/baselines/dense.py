@@ -126,7 +126,9 @@ class DenseStrategy(TaskStrategy):
     """DENSE: one round of local training, then data-free distillation on the server.
 
     ``start`` runs one communication round whatever ``num_rounds`` says (the
-    round budget goes into local epochs instead: see ``local_epochs``).
+    round budget goes into local epochs instead: see ``local_epochs``). Clients
+    may train different architectures (``client-models``): the ensemble is their
+    own models, whatever their architectures.
 
     Parameters
     ----------
@@ -140,6 +142,8 @@ class DenseStrategy(TaskStrategy):
     **kwargs
         Passed to :class:`~mosaic_flwr.task_strategy.TaskStrategy` and FedAvg.
     """
+
+    MIXED_MODELS = "any"
 
     def __init__(self, model_fn: Callable[[], Classifier],
                  generator_fn: Callable[[], ImageGenerator],

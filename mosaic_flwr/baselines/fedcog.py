@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
-from ..models import Classifier, build_model
+from ..models import Classifier
 from ..records import LOCAL_MODEL_RECORD, TrainTask
 from ..strategies import ScoreFn
 from ..task_strategy import TaskStrategy, model_fn_for, server_options
@@ -121,7 +121,7 @@ def fedcog_regulariser(setup, msg: Message, task: TrainTask, rng: torch.Generato
         return None
     start = time.monotonic()
     model: Classifier = setup.model
-    local = build_model(setup.config.model, setup.spec, setup.config.model_width)
+    local = setup.global_spec.build(setup.spec)
     previous = setup.context.state.array_records.get(LOCAL_MODEL_RECORD)
     local.load_state_dict(previous.to_torch_state_dict() if previous is not None
                           else model.state_dict())

@@ -41,10 +41,15 @@ from .settings import FedDFSettings
 class FedDFStrategy(TaskStrategy):
     """FedDF: FedAvg, then distillation of the client ensemble into the average.
 
+    Clients may train different architectures (``client-models``): the ensemble
+    is every client's own model; clients of the global architecture are averaged
+    into the student, the others with their own group. (The paper distils into
+    every group's model; here only the global model is distilled.)
+
     Parameters
     ----------
     model_fn : Callable[[], Classifier]
-        Builds the global model (and the clients' models, to load their uploads).
+        Builds the global model.
     settings : FedDFSettings (default: FedDFSettings())
     generator_fn : Callable[[], nn.Module], optional
         The clients' generator, for ``inputs='generators'``.
@@ -55,6 +60,8 @@ class FedDFStrategy(TaskStrategy):
     **kwargs
         Passed to :class:`~mosaic_flwr.task_strategy.TaskStrategy` and FedAvg.
     """
+
+    MIXED_MODELS = "any"
 
     def __init__(self, model_fn: Callable[[], Classifier], settings: FedDFSettings | None = None,
                  *, generator_fn: Callable[[], nn.Module] | None = None,

@@ -3,7 +3,7 @@
 These functions work on tensors, so an existing ClientApp with its own data can
 call them directly; :func:`mosaic_flwr.client.handle_train` calls them for this
 project's ClientApp. Only aggregates leave the client: label counts, k-means
-centres of features, and generator weights.
+centres of features, a linear probe head, and generator weights.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..data.augment import BatchTransform
 from ..data.datasets import DatasetSpec
-from ..records import LABEL_COUNTS, PROTOTYPE_LABELS, PROTOTYPES
+from ..records import LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES
 from .generator import GeneratorReport, build_generator, train_generator
 from .prototypes import prototype_centres
 from .settings import MosaicSettings
@@ -40,6 +40,12 @@ def client_statistics(global_model: nn.Module, images: torch.Tensor, labels: tor
                       device: torch.device, rng: torch.Generator) -> ArrayRecord:
     """Label counts and per-class prototypes under the received global model's features."""
     features = extract_features(global_model, images, transform, device)
+    return prototype_statistics(features, labels, num_classes, settings, rng)
+
+
+def prototype_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         settings: MosaicSettings, rng: torch.Generator) -> ArrayRecord:
+    """Label counts and per-class prototypes (k-means centres) of feature vectors."""
     centres, centre_labels = prototype_centres(
         features, labels, num_classes, settings.prototypes_per_class,
         settings.prototype_min_cluster, rng)
@@ -48,6 +54,31 @@ def client_statistics(global_model: nn.Module, images: torch.Tensor, labels: tor
         PROTOTYPES: Array(centres.numpy().astype("float32")),
         PROTOTYPE_LABELS: Array(centre_labels.numpy().astype("int64")),
     })
+
+
+def probe_head(features: torch.Tensor, logits: torch.Tensor, head: nn.Linear, steps: int = 200,
+               lr: float = 0.01) -> dict[str, Array]:
+    """A linear head on the global model's features that mimics the local model's predictions.
+
+    When a client trains another architecture than the global one, its own head
+    cannot read prototypes (global-model features). This head can: started
+    from the global model's ``head``, it is fitted full-batch with Adam to the
+    local model's soft predictions (``logits``) on the client's own data
+    (``features``: their global-model features). Deterministic (no sampling).
+    Returns ``probe-weight`` (C, D) and ``probe-bias`` (C,).
+    """
+    probe = nn.Linear(head.in_features, head.out_features)
+    probe.load_state_dict({k: v.detach().float().cpu() for k, v in head.state_dict().items()})
+    if len(features):
+        targets = torch.softmax(logits.float(), dim=1)
+        optimiser = torch.optim.Adam(probe.parameters(), lr=lr)
+        for _ in range(steps):
+            loss = -(targets * torch.log_softmax(probe(features.float()), dim=1)).sum(1).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return {PROBE_WEIGHT: Array(probe.weight.detach().numpy().astype("float32")),
+            PROBE_BIAS: Array(probe.bias.detach().numpy().astype("float32"))}
 
 
 def client_generator(classifier: nn.Module, images: torch.Tensor, transform: BatchTransform,

@@ -5,6 +5,13 @@ With K clients and C classes, expert c's parameters are
 that hold much of class c dominate expert c. The experts share one architecture,
 so their parameters are stacked along a leading expert axis and all of them run
 in one batched call (``torch.func.functional_call`` under ``torch.func.vmap``).
+
+When clients train different models (widths or architectures), parameters
+cannot be mixed. Expert c is then the same mixture taken over the client
+models' outputs, ``sum_k w[k, c] * f_k(x)`` (:func:`mixed_expert_logits`), and
+on prototypes (global-model features) each client is represented by a linear
+probe head that mimics it (:func:`mosaic_flwr.mosaic.client.probe_head`),
+mixed like any head with :func:`class_experts`.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from typing import Mapping
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+
+from ..baselines.common import client_logits
 
 
 def expert_weights(counts: torch.Tensor, weighting: str = "counts") -> torch.Tensor:
@@ -70,6 +79,14 @@ def expert_logits(model: nn.Module, experts: Mapping[str, torch.Tensor], x: torc
         return functional_call(model, state, (inputs,))
 
     return vmap(run, in_dims=(0, None))(dict(experts), x)
+
+
+def mixed_expert_logits(models: list[nn.Module], weights: torch.Tensor, x: torch.Tensor
+                        ) -> torch.Tensor:
+    """Experts of models that differ: ``sum_k weights[k, c] * f_k(x)``, shape
+    (C_experts, batch, classes), from (K, C) ``weights`` and K models in eval mode."""
+    logits = client_logits(models, x)
+    return torch.einsum("kc,kbj->cbj", weights.to(logits.dtype), logits)
 
 
 def head_logits(experts: Mapping[str, torch.Tensor], features: torch.Tensor,

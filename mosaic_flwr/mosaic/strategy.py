@@ -35,11 +35,13 @@ from torch import nn
 from ..config import RunConfig
 from ..data.datasets import DATASETS
 from ..models import Classifier
-from ..records import PROTOTYPE_LABELS, PROTOTYPES, STATS_RECORD, TrainTask
+from ..records import (PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES, STATS_RECORD,
+                       TrainTask)
 from ..strategies import ScoreFn
 from ..task_strategy import TaskStrategy, model_fn_for, server_options
 from .distill import DistillWeights, distill_into
-from .experts import class_experts, ensemble_logits, expert_logits, expert_weights, head_logits
+from .experts import (class_experts, ensemble_logits, expert_logits, expert_weights, head_logits,
+                      mixed_expert_logits)
 from .generator import build_generator
 from .meta import MetaModel, train_meta_model
 from .settings import DISTILL, FINETUNE, MosaicSettings
@@ -47,6 +49,13 @@ from .settings import DISTILL, FINETUNE, MosaicSettings
 
 class MosaicStrategy(TaskStrategy):
     """Mosaic (Liu et al. 2025): mixture-of-experts teacher distilled with client generators.
+
+    Clients may train different models (``client-models``): width sub-models of
+    the global architecture are cut and averaged like HeteroFL's (static
+    slices) in every round; other architectures are averaged within their
+    group. In the distillation round the experts then mix the client models'
+    outputs, and the meta model reads prototypes through the clients' probe
+    heads (see :mod:`mosaic_flwr.mosaic.experts`).
 
     Parameters
     ----------
@@ -74,6 +83,9 @@ class MosaicStrategy(TaskStrategy):
         :class:`~mosaic_flwr.strategies.TolerantAggregation` and Flower's
         ``FedAvg`` (``min_replies``, ``fraction_train``, ``min_train_nodes``, ...).
     """
+
+    MIXED_MODELS = "any"
+    slicing = "static"
 
     def __init__(self, model_fn: Callable[[], Classifier], generator_fn: Callable[[], nn.Module],
                  settings: MosaicSettings | None = None, **kwargs) -> None:
@@ -149,9 +161,7 @@ class MosaicStrategy(TaskStrategy):
 
         counts = self.label_counts(replies)
         weights = expert_weights(counts, s.expert_weighting)
-        states = [m.content[self.arrayrecord_key].to_torch_state_dict() for m in replies]
-        experts = {k: v.to(device) for k, v in class_experts(states, weights).items()}
-        template = self.model_fn().to(device).eval()
+        experts_on, heads = self._experts(replies, weights)
         class_share = counts.sum(0).double().to(device)
         stats["experts_seconds"] = time.monotonic() - start
 
@@ -162,7 +172,7 @@ class MosaicStrategy(TaskStrategy):
                                   for m in replies]).to(device)
         stats["num_prototypes"] = len(protos)
         with torch.no_grad():
-            proto_logits = head_logits(experts, protos).float()
+            proto_logits = head_logits(heads, protos).float()
 
         def ensemble(logits: torch.Tensor) -> torch.Tensor:
             return ensemble_logits(logits, class_share)
@@ -184,7 +194,7 @@ class MosaicStrategy(TaskStrategy):
         stats["meta_seconds"] = time.monotonic() - start
 
         def teacher(x: torch.Tensor) -> torch.Tensor:
-            return fuse(expert_logits(template, experts, x).permute(1, 0, 2))
+            return fuse(experts_on(x))
 
         start = time.monotonic()
         student = self.global_model(global_arrays)
@@ -193,8 +203,7 @@ class MosaicStrategy(TaskStrategy):
             student.eval()
             stats["student_accuracy_before"] = self.score_fn(student)
             stats["teacher_accuracy"] = self.score_fn(teacher)
-            stats["ensemble_accuracy"] = self.score_fn(
-                lambda x: ensemble(expert_logits(template, experts, x).permute(1, 0, 2)))
+            stats["ensemble_accuracy"] = self.score_fn(lambda x: ensemble(experts_on(x)))
         log(INFO, "[mosaic] distilling the teacher into the global model: %d steps, %d inputs "
             "per step", s.distill_steps, s.samples_per_generator * len(replies))
         history = distill_into(
@@ -211,6 +220,35 @@ class MosaicStrategy(TaskStrategy):
         log(INFO, "[mosaic] distillation round: %s", ", ".join(
             f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))
         return ArrayRecord(student.to("cpu").state_dict()), stats
+
+    def _experts(self, replies: list[Message], weights: torch.Tensor
+                 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]:
+        """The experts as ``inputs -> (batch, C_experts, classes)`` logits, and their heads on
+        global-model features (``head.weight``, ``head.bias`` stacked per expert).
+
+        When every reply trained the global model, experts mix the client
+        parameters; otherwise they mix the client models' outputs, and their
+        heads mix the clients' probe heads (a client of the global model that
+        sent none is represented by its own head).
+        """
+        device = self.device
+        if not self.mixed(replies):
+            states = [m.content[self.arrayrecord_key].to_torch_state_dict() for m in replies]
+            experts = {k: v.to(device) for k, v in class_experts(states, weights).items()}
+            template = self.model_fn().to(device).eval()
+            return (lambda x: expert_logits(template, experts, x).permute(1, 0, 2)), experts
+        heads = []
+        for msg in replies:
+            stats = msg.content[STATS_RECORD]
+            if PROBE_WEIGHT in stats:
+                head = {"head.weight": stats[PROBE_WEIGHT], "head.bias": stats[PROBE_BIAS]}
+            else:
+                head = {k: msg.content[self.arrayrecord_key][k] for k in ("head.weight", "head.bias")}
+            heads.append({k: torch.from_numpy(v.numpy()) for k, v in head.items()})
+        mixed_heads = {k: v.to(device) for k, v in class_experts(heads, weights).items()}
+        clients = self.client_models(replies)
+        weights = weights.to(device)
+        return (lambda x: mixed_expert_logits(clients, weights, x).permute(1, 0, 2)), mixed_heads
 
     def _sampler(self, replies: list[Message], rng: torch.Generator
                  ) -> Callable[[], torch.Tensor]:
