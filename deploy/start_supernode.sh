@@ -25,6 +25,8 @@
 #                        instead of partition N of the shared one
 #   --device DEV         cpu, cuda, cuda:N (default: the run config's `device`)
 #   --threads N          torch threads (default: the run config's `num-threads`)
+#   --model NAME@WIDTH   the model this node trains, e.g. resnet8@0.5 (default: its
+#                        `client-models` entry, or the global model)
 #   --log-dir DIR        where the node appends one JSON line per message it
 #                        answered (default: DIR/nodes/NAME/logs)
 #   --foreground         run in this terminal instead of in the background
@@ -36,7 +38,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 name=""; superlink="127.0.0.1:9092"; state="deploy-state"; ca=""; key=""; port=""
-pid_=""; nparts=""; data_path=""; device=""; threads=""; log_dir=""; foreground=0; extra=()
+pid_=""; nparts=""; data_path=""; device=""; threads=""; model=""; log_dir=""; foreground=0; extra=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --name) name="$2"; shift 2 ;;
@@ -50,6 +52,7 @@ while [[ $# -gt 0 ]]; do
         --data-path) data_path="$2"; shift 2 ;;
         --device) device="$2"; shift 2 ;;
         --threads) threads="$2"; shift 2 ;;
+        --model) model="$2"; shift 2 ;;
         --log-dir) log_dir="$2"; shift 2 ;;
         --foreground) foreground=1; shift ;;
         --) shift; extra=("$@"); break ;;
@@ -78,6 +81,7 @@ if [[ -n "$data_path" ]]; then
 fi
 [[ -n "$device" ]] && node_config+=" device='$device'"
 [[ -n "$threads" ]] && node_config+=" num-threads=$threads"
+[[ -n "$model" ]] && node_config+=" model='$model'"
 node_config+=" log-dir='$log_dir'"
 
 prepare_state "$state"
