@@ -18,7 +18,7 @@ Clients may train different models (:mod:`mosaic_flwr.client_models`); each
 reply names its model. A strategy says which it can combine in
 ``MIXED_MODELS``. Replies of the global model are averaged into the global
 model. Width sub-models of the global architecture are cut from it and
-averaged back slice by slice when the strategy has a ``slicing``
+averaged back slice by slice when the strategy has a ``SLICING``
 (:mod:`mosaic_flwr.submodels`: HeteroFL, FedRolex, Mosaic). Every other model
 is averaged with the clients that train the same model (its group), and each
 client gets its group's average back the next round; the server step sees
@@ -96,7 +96,7 @@ class TaskStrategy(TolerantAggregation, FedAvg):
     MIXED_MODELS: ClassVar[str] = ""
     #: How width sub-models are cut from the global model and averaged back:
     #: ``"static"`` (HeteroFL), ``"rolling"`` (FedRolex), or ``""`` (they form groups).
-    slicing: ClassVar[str] = ""
+    SLICING: ClassVar[str] = ""
 
     def __init__(self, model_fn: Callable[[], Classifier], *,
                  generator_fn: Callable[[], nn.Module] | None = None,
@@ -153,7 +153,7 @@ class TaskStrategy(TolerantAggregation, FedAvg):
         """
         self._global_arrays, self._round = arrays, server_round
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        task = replace(self.task_for(server_round), slicing=self.slicing)
+        task = replace(self.task_for(server_round), slicing=self.SLICING)
         extra = self.instruction_records(server_round)
         for msg in messages:
             msg.content = RecordDict(dict(msg.content.items()))  # FedAvg shares one between messages
@@ -274,7 +274,7 @@ class TaskStrategy(TolerantAggregation, FedAvg):
             state = msg.content.array_records[self.arrayrecord_key].to_torch_state_dict()
             units = self.template(self.reply_model(msg)).flatten_units
             indices.append(submodel_indices(full_shapes, {k: tuple(v.shape) for k, v in state.items()},
-                                            self.slicing or "static", self._round, units))
+                                            self.SLICING or "static", self._round, units))
             states.append(state)
         return ArrayRecord(aggregate_submodels(global_state, states, indices,
                                                self.reply_weights(replies)))
@@ -304,7 +304,7 @@ class TaskStrategy(TolerantAggregation, FedAvg):
 
     def sliced(self, model: str) -> bool:
         """True when ``model`` is cut from the global model and averaged back into it."""
-        return (bool(self.slicing) and model != self.global_name
+        return (bool(self.SLICING) and model != self.global_name
                 and ModelSpec.parse(model).holds_slice_of(ModelSpec.parse(self.global_name)))
 
     def build_model(self, model: str) -> Classifier:

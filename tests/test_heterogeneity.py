@@ -184,7 +184,7 @@ def test_width_strategies_train_sub_models_and_average_them_slice_wise(strategy)
     assert tuple(quarter[0].content["arrays"]["body.0.weight"].shape) == (8, 1, 5, 5)
     for msg in grid.sent:  # every client gets the full global model and the slicing rule
         assert tuple(msg.content["arrays"]["body.0.weight"].shape) == (32, 1, 5, 5)
-        assert msg.content[TASK_RECORD]["slicing"] == run.slicing
+        assert msg.content[TASK_RECORD]["slicing"] == run.SLICING
     assert all(run.round_stats[r]["clients_ok"] == NUM_CLIENTS for r in (1, 2))
     final = result.arrays.to_torch_state_dict()
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())

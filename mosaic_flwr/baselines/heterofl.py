@@ -33,7 +33,7 @@ class HeteroFLStrategy(TaskStrategy):
     """
 
     MIXED_MODELS = "width"
-    slicing = "static"
+    SLICING = "static"
 
     @classmethod
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
@@ -45,4 +45,4 @@ class HeteroFLStrategy(TaskStrategy):
 class FedRolexStrategy(HeteroFLStrategy):
     """FedRolex: like HeteroFL, but the slice window rolls by one channel per round."""
 
-    slicing = "rolling"
+    SLICING = "rolling"

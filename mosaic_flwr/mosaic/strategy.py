@@ -85,7 +85,7 @@ class MosaicStrategy(TaskStrategy):
     """
 
     MIXED_MODELS = "any"
-    slicing = "static"
+    SLICING = "static"
 
     def __init__(self, model_fn: Callable[[], Classifier], generator_fn: Callable[[], nn.Module],
                  settings: MosaicSettings | None = None, **kwargs) -> None:
