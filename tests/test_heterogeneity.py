@@ -270,3 +270,30 @@ def test_probe_heads_are_required_from_other_models_and_checked():
     assert strategy.stats_problem(ArrayRecord({**base, **probe}), True, probe=True) == ""
     narrow = {**probe, PROBE_WEIGHT: Array(np.zeros((10, 64), dtype=np.float32))}
     assert "shaped (10, 512)" in strategy.stats_problem(ArrayRecord({**base, **narrow}), True)
+
+
+def test_a_node_config_model_joins_a_width_strategy_without_client_models():
+    config = RunConfig(**{**QUICK, "num_server_rounds": 1, "strategy": "heterofl"})
+    strategy = build_strategy(config)
+    grid = InlineGrid(NUM_CLIENTS)
+    grid.contexts[1].node_config["model"] = "cnn@0.5"
+    torch.manual_seed(0)
+    initial = ArrayRecord(global_model_spec(config).build(load_dataset("digits").spec).state_dict())
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=1,
+                            train_config=ConfigRecord(config.to_mapping()))
+    assert strategy.round_stats[1]["clients_ok"] == NUM_CLIENTS
+    assert _reply_models(grid)[0] == "cnn@0.5" and set(_reply_models(grid).values()) == {
+        "cnn@0.5", "cnn@1"}
+    # conv1's first 16 of 32 channels are averaged over all 6 clients, the rest over the
+    # 5 full-width ones, each weighted by its number of examples.
+    final = result.arrays.to_torch_state_dict()["body.0.weight"].double()
+    weights = {m.content.config_records["client"]["model"]: [] for m in grid.replies}
+    for msg in grid.replies:
+        weights[msg.content.config_records["client"]["model"]].append(
+            (float(msg.content["metrics"]["num-examples"]),
+             msg.content["arrays"]["body.0.weight"].numpy()))
+    full, half = weights["cnn@1"], weights["cnn@0.5"]
+    low = sum(n * w[:16] for n, w in full + half) / sum(n for n, _ in full + half)
+    high = sum(n * w[16:] for n, w in full) / sum(n for n, _ in full)
+    assert np.allclose(final[:16].numpy(), low, atol=1e-6)
+    assert np.allclose(final[16:].numpy(), high, atol=1e-6)
