@@ -118,7 +118,8 @@ def test_preset_strategy_and_wandb_come_from_the_run_config(superlink, tmp_path)
 @pytest.mark.parametrize("overrides,line", [
     ({"dirichlet-alpha": -1.0}, "invalid run config: dirichlet-alpha=-1.0: must be > 0"),
     ({"strategy": "fedsgd"}, "invalid run config: strategy='fedsgd': must be one of dense, "
-                             "fedavg, fedcog, feddf, fedftg, fedgen, fedprox, mosaic"),
+                             "fedavg, fedcog, feddf, fedftg, fedgen, fedprox, fedrolex, "
+                             "heterofl, mosaic"),
     ({"num-clients": 5000, "min-clients": 1},
      "invalid run config: num-clients=5000: must be <= the 1438 training samples of digits"),
 ])
