@@ -17,7 +17,8 @@ from mosaic_flwr.data import load_dataset
 from mosaic_flwr.local_only import local_only, summarise
 from mosaic_flwr.models import ModelSpec
 from mosaic_flwr.mosaic.client import probe_head
-from mosaic_flwr.mosaic.experts import class_experts, expert_weights, head_logits, mixed_expert_logits
+from mosaic_flwr.mosaic.experts import (class_experts, expert_weights, head_logits,
+                                       mixed_expert_logits, mixture_log_probs)
 from mosaic_flwr.node import NodeSettings
 from mosaic_flwr.records import (LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS,
                                  PROTOTYPES, STATS_RECORD, TASK_RECORD)
@@ -114,10 +115,25 @@ def test_mixed_experts_weight_each_class_by_the_clients_counts():
     assert weights.tolist() == [[0.75, 0.0], [0.25, 1.0]]
     models = [Fixed([2.0, -2.0]), Fixed([-1.0, 1.0])]
     experts = mixed_expert_logits(models, weights, torch.zeros(5, 3))
-    assert experts.shape == (2, 5, 2)
-    # Expert 0: 0.75 * client 0 + 0.25 * client 1; expert 1: client 1 alone.
-    assert torch.allclose(experts[0, 0], torch.tensor([1.25, -1.25]))
-    assert torch.allclose(experts[1, 0], torch.tensor([-1.0, 1.0]))
+    assert experts.shape == (5, 2, 2)  # (batch, experts, classes)
+    p0, p1 = torch.softmax(torch.tensor([2.0, -2.0]), 0), torch.softmax(torch.tensor([-1.0, 1.0]), 0)
+    # Expert 0: 0.75 of client 0's distribution + 0.25 of client 1's; expert 1: client 1 alone.
+    assert torch.allclose(experts[0, 0].exp(), 0.75 * p0 + 0.25 * p1)
+    assert torch.allclose(experts[0, 1].exp(), p1)
+
+
+def test_mixed_experts_are_not_ruled_by_the_loudest_model():
+    # Client 0 (weight 0.2 for expert 1) shouts class 0 with logits of +-1000;
+    # client 1 (weight 0.8) prefers class 1 mildly. A logit mixture follows client 0.
+    weights = torch.tensor([[0.5, 0.2], [0.5, 0.8]])
+    models = [Fixed([1000.0, -1000.0]), Fixed([-1.0, 1.0])]
+    experts = mixed_expert_logits(models, weights, torch.zeros(1, 3))
+    assert experts[0, 1].argmax() == 1 and torch.isfinite(experts).all()
+    logit_mix = 0.2 * torch.tensor([1000.0, -1000.0]) + 0.8 * torch.tensor([-1.0, 1.0])
+    assert logit_mix.argmax() == 0
+    # Prototype space: the same mixture of probe-head logits (K, P, C).
+    assert torch.allclose(mixture_log_probs(torch.stack([m(torch.zeros(1, 3)) for m in models]),
+                                            weights), experts)
 
 
 def test_probe_head_mimics_the_local_model_on_global_features():

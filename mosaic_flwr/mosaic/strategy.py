@@ -41,7 +41,7 @@ from ..strategies import ScoreFn
 from ..task_strategy import TaskStrategy, model_fn_for, server_options
 from .distill import DistillWeights, distill_into
 from .experts import (class_experts, ensemble_logits, expert_logits, expert_weights, head_logits,
-                      mixed_expert_logits)
+                      mixed_expert_logits, mixture_log_probs)
 from .generator import build_generator
 from .meta import MetaModel, train_meta_model
 from .settings import DISTILL, FINETUNE, MosaicSettings
@@ -161,7 +161,7 @@ class MosaicStrategy(TaskStrategy):
 
         counts = self.label_counts(replies)
         weights = expert_weights(counts, s.expert_weighting)
-        experts_on, heads = self._experts(replies, weights)
+        experts_on, on_features = self._experts(replies, weights)
         class_share = counts.sum(0).double().to(device)
         stats["experts_seconds"] = time.monotonic() - start
 
@@ -172,7 +172,7 @@ class MosaicStrategy(TaskStrategy):
                                   for m in replies]).to(device)
         stats["num_prototypes"] = len(protos)
         with torch.no_grad():
-            proto_logits = head_logits(heads, protos).float()
+            proto_logits = on_features(protos).float()
 
         def ensemble(logits: torch.Tensor) -> torch.Tensor:
             return ensemble_logits(logits, class_share)
@@ -222,33 +222,40 @@ class MosaicStrategy(TaskStrategy):
         return ArrayRecord(student.to("cpu").state_dict()), stats
 
     def _experts(self, replies: list[Message], weights: torch.Tensor
-                 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]:
-        """The experts as ``inputs -> (batch, C_experts, classes)`` logits, and their heads on
-        global-model features (``head.weight``, ``head.bias`` stacked per expert).
+                 ) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                            Callable[[torch.Tensor], torch.Tensor]]:
+        """The experts' outputs, ``(batch, C_experts, classes)``, on classifier inputs and on
+        global-model features (prototypes).
 
         When every reply trained the global model, experts mix the client
-        parameters; otherwise they mix the client models' outputs, and their
-        heads mix the clients' probe heads (a client of the global model that
-        sent none is represented by its own head).
+        parameters (and their heads read the features); otherwise each expert
+        mixes the client models' predictive distributions, and on features the
+        clients' probe heads' (a client of the global model that sent no probe
+        is represented by its own head). See :mod:`mosaic_flwr.mosaic.experts`.
         """
         device = self.device
         if not self.mixed(replies):
             states = [m.content[self.arrayrecord_key].to_torch_state_dict() for m in replies]
             experts = {k: v.to(device) for k, v in class_experts(states, weights).items()}
             template = self.model_fn().to(device).eval()
-            return (lambda x: expert_logits(template, experts, x).permute(1, 0, 2)), experts
-        heads = []
+            return (lambda x: expert_logits(template, experts, x).permute(1, 0, 2),
+                    lambda features: head_logits(experts, features))
+        probe_w, probe_b = [], []
         for msg in replies:
-            stats = msg.content[STATS_RECORD]
-            if PROBE_WEIGHT in stats:
-                head = {"head.weight": stats[PROBE_WEIGHT], "head.bias": stats[PROBE_BIAS]}
-            else:
-                head = {k: msg.content[self.arrayrecord_key][k] for k in ("head.weight", "head.bias")}
-            heads.append({k: torch.from_numpy(v.numpy()) for k, v in head.items()})
-        mixed_heads = {k: v.to(device) for k, v in class_experts(heads, weights).items()}
+            stats, arrays = msg.content[STATS_RECORD], msg.content[self.arrayrecord_key]
+            weight, bias = ((stats[PROBE_WEIGHT], stats[PROBE_BIAS]) if PROBE_WEIGHT in stats
+                            else (arrays["head.weight"], arrays["head.bias"]))
+            probe_w.append(torch.from_numpy(weight.numpy()))
+            probe_b.append(torch.from_numpy(bias.numpy()))
+        w_stack, b_stack = torch.stack(probe_w).to(device), torch.stack(probe_b).to(device)
         clients = self.client_models(replies)
         weights = weights.to(device)
-        return (lambda x: mixed_expert_logits(clients, weights, x).permute(1, 0, 2)), mixed_heads
+
+        def on_features(features: torch.Tensor) -> torch.Tensor:
+            logits = torch.einsum("pd,kcd->kpc", features.to(w_stack), w_stack) + b_stack[:, None]
+            return mixture_log_probs(logits, weights)
+
+        return (lambda x: mixed_expert_logits(clients, weights, x)), on_features
 
     def _sampler(self, replies: list[Message], rng: torch.Generator
                  ) -> Callable[[], torch.Tensor]:
