@@ -186,8 +186,7 @@ class CoreConfig:  # pylint: disable=too-many-instance-attributes
                                          global_spec)
         except ValueError as err:
             raise ConfigError("client-models", self.client_models, str(err)) from None
-        others = sorted({str(s) for s in specs if s != global_spec})
-        if not others:
+        if all(spec == global_spec for spec in specs):
             return
         mixing = model_mixing(self.strategy)
         if not mixing:

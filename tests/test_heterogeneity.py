@@ -17,8 +17,7 @@ from mosaic_flwr.data import load_dataset
 from mosaic_flwr.local_only import local_only, summarise
 from mosaic_flwr.models import ModelSpec
 from mosaic_flwr.mosaic.client import probe_head
-from mosaic_flwr.mosaic.experts import (class_experts, expert_weights, head_logits,
-                                       mixed_expert_logits, mixture_log_probs)
+from mosaic_flwr.mosaic.experts import expert_weights, mixed_expert_logits, mixture_log_probs
 from mosaic_flwr.node import NodeSettings
 from mosaic_flwr.records import (LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS,
                                  PROTOTYPES, STATS_RECORD, TASK_RECORD)
@@ -150,14 +149,6 @@ def test_probe_head_mimics_the_local_model_on_global_features():
     assert before < 0.7 and after > 0.95
     again = probe_head(features, logits, start, steps=300, lr=0.05)
     assert np.array_equal(again["probe-weight"].numpy(), probe["probe-weight"].numpy())
-    # Probe heads mix like any head: per class, by the counts.
-    heads = [{"head.weight": weight, "head.bias": bias},
-             {"head.weight": torch.zeros(3, 6), "head.bias": torch.ones(3)}]
-    mixed = class_experts(heads, torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]))
-    out = head_logits(mixed, features[:4])  # (batch, experts, classes)
-    assert torch.allclose(out[:, 0], features[:4] @ weight.T + bias, atol=1e-5)
-    assert torch.allclose(out[:, 1], torch.ones(4, 3))
-    assert torch.allclose(out[:, 2], 0.5 * (features[:4] @ weight.T + bias) + 0.5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ strategies, in process

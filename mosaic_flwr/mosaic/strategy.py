@@ -53,9 +53,9 @@ class MosaicStrategy(TaskStrategy):
     Clients may train different models (``client-models``): width sub-models of
     the global architecture are cut and averaged like HeteroFL's (static
     slices) in every round; other architectures are averaged within their
-    group. In the distillation round the experts then mix the client models'
-    outputs, and the meta model reads prototypes through the clients' probe
-    heads (see :mod:`mosaic_flwr.mosaic.experts`).
+    group. In the distillation round each expert then mixes the client models'
+    predictive distributions, and the meta model reads prototypes through the
+    clients' probe heads (see :mod:`mosaic_flwr.mosaic.experts`).
 
     Parameters
     ----------
