@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import time
-import zlib
 from typing import Callable
 
 import torch
@@ -23,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from .baselines.fedcog import fedcog_regulariser
 from .baselines.fedgen import fedgen_regulariser
-from .client_models import client_model_spec, global_model_spec
+from .client_models import client_model_spec, global_model_spec, initial_seed
 from .config import RunConfig
 from .data import BatchTransform, client_indices, load_dataset
 from .models import Classifier, ModelSpec
@@ -105,7 +104,7 @@ class LocalSetup:  # pylint: disable=too-many-instance-attributes
         """
         sent = ModelSpec.parse(task.arrays_model) if task.arrays_model else self.global_spec
         own = self.model_spec
-        model = own.build(self.spec, seed=zlib.crc32(f"{self.config.seed}:{own}".encode()))
+        model = own.build(self.spec, seed=initial_seed(self.config, own))
         if own == sent:
             model.load_state_dict(received)
         elif task.slicing and own.holds_slice_of(sent):

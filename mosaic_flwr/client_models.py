@@ -20,6 +20,7 @@ reply, so the server never has to know the assignment in advance.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,12 @@ def client_model_spec(config: Any, partition_id: int) -> ModelSpec:
     """The model partition ``partition_id`` trains under ``config``."""
     return assign_client_models(config.client_models, config.num_clients, config.seed,
                                 global_model_spec(config))[partition_id]
+
+
+def initial_seed(config: Any, model: ModelSpec) -> int:
+    """The seed of a client model's first initialisation: the run seed and the model's name,
+    so that all clients of one model start alike (and the local-only reference too)."""
+    return zlib.crc32(f"{config.seed}:{model}".encode())
 
 
 def client_models_value(value: Any) -> str:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import csv
 import statistics
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from .client import round_seed, train_settings
-from .client_models import client_model_spec
+from .client_models import client_model_spec, initial_seed
 from .config import RunConfig
 from .data import BatchTransform, client_indices, load_dataset
 from .records import TrainTask
@@ -39,7 +38,7 @@ def local_only(config: RunConfig) -> list[dict]:
     rows = []
     for pid in range(config.num_clients):
         spec = client_model_spec(config, pid)
-        model = spec.build(data.spec, seed=zlib.crc32(f"{config.seed}:{spec}".encode()))
+        model = spec.build(data.spec, seed=initial_seed(config, spec))
         idx = client_indices(config, pid)
         images = torch.from_numpy(data.train_images[idx])
         labels = torch.from_numpy(data.train_labels[idx])
