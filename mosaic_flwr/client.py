@@ -1,14 +1,17 @@
-"""The ClientApp's work: train or evaluate the received global model on local data.
+"""The ClientApp's work: train this client's model, or evaluate the global model, on local data.
 
 ``client_app/app.py`` routes Flower messages here. The run configuration comes
 with every message (the server resolved and validated it), so every node trains
 with the same settings; the node's own ``node_config`` says which partition it
-holds (or where its own data lie) and may override the device and thread count
-(:mod:`mosaic_flwr.node`). A strategy that needs more than local training says
-so in the message's ``task`` record (:class:`~mosaic_flwr.records.TrainTask`):
-a scaled learning rate, other epochs, a local objective (FedGen, FedCOG), label
-counts and prototypes, a trained generator. Only model weights, label counts,
-prototypes (k-means centres), generator weights and aggregate metrics leave the client.
+holds (or where its own data lie), which model it trains, and may override the
+device and thread count (:mod:`mosaic_flwr.node`). A client trains the global
+model, a width slice of it, or its own architecture
+(:mod:`mosaic_flwr.client_models`). A strategy that needs more than local
+training says so in the message's ``task`` record
+(:class:`~mosaic_flwr.records.TrainTask`): a scaled learning rate, other epochs,
+a local objective (FedGen, FedCOG), label counts and prototypes, a trained
+generator. Only model weights, label counts, prototypes (k-means centres), a
+linear probe head, generator weights and aggregate metrics leave the client.
 """
 
 from __future__ import annotations
