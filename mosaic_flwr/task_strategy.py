@@ -112,6 +112,7 @@ class TaskStrategy(TolerantAggregation, FedAvg):
         #: The latest average of each group of clients that train one non-global model.
         self.group_arrays: dict[str, ArrayRecord] = {}
         self._templates: dict[str, Classifier] = {}
+        self._signatures: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
         self._global_arrays = ArrayRecord()
         self._round = 0
         self.generator_fn = generator_fn
@@ -179,8 +180,7 @@ class TaskStrategy(TolerantAggregation, FedAvg):
         problem = self.model_problem(model)
         if problem:
             return problem
-        expected = (self._expected if model == self.global_name
-                    else array_signature(ArrayRecord(self.template(model).state_dict())))
+        expected = self._expected if model == self.global_name else self.signature(model)
         problem = train_reply_problem(msg, expected, self.arrayrecord_key,
                                       self.weighted_by_key, extra)
         if problem:
@@ -318,6 +318,12 @@ class TaskStrategy(TolerantAggregation, FedAvg):
         if model not in self._templates:
             self._templates[model] = self.build_model(model)
         return self._templates[model]
+
+    def signature(self, model: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The array names, shapes and dtypes a reply of ``model`` must carry (cached)."""
+        if model not in self._signatures:
+            self._signatures[model] = array_signature(ArrayRecord(self.template(model).state_dict()))
+        return self._signatures[model]
 
     def mixed(self, replies: list[Message]) -> bool:
         """True when some reply trained another model than the global one."""
