@@ -163,11 +163,14 @@ MOSAIC_SHORT = dict(mosaic_warmup_rounds=1, mosaic_finetune_rounds=0, mosaic_gen
                     mosaic_samples_per_generator=4, mosaic_prototypes_per_class=2)
 
 
-def run_inline(**overrides):
+def run_inline(node_models: dict[int, str] | None = None, **overrides):
+    """A whole run in process; ``node_models`` sets some nodes' ``--node-config model``."""
     config = RunConfig(**{**QUICK, **overrides})
     evaluator = CentralEvaluator(config)
     strategy = build_strategy(config, score_fn=evaluator.score)
     grid = InlineGrid(NUM_CLIENTS)
+    for node, model in (node_models or {}).items():
+        grid.contexts[node].node_config["model"] = model
     torch.manual_seed(config.seed)
     initial = ArrayRecord(global_model_spec(config).build(
         load_dataset(config.dataset).spec).state_dict())
@@ -233,16 +236,9 @@ def test_ensemble_baselines_distil_clients_of_three_architectures(strategy):
 
 @pytest.mark.parametrize("name", ["fedavg", "fedftg"])
 def test_a_strategy_without_mixing_leaves_out_a_node_of_another_model(name, caplog):
-    config = RunConfig(**{**QUICK, "num_server_rounds": 1, "strategy": name,
-                          "fedftg_iterations": 1, "fedftg_distill_steps": 1,
-                          "fedftg_batch_size": 8})
-    strategy = build_strategy(config)
-    grid = InlineGrid(NUM_CLIENTS)
-    grid.contexts[1].node_config["model"] = "resnet8"
-    torch.manual_seed(0)
-    initial = ArrayRecord(global_model_spec(config).build(load_dataset("digits").spec).state_dict())
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=1,
-                   train_config=ConfigRecord(config.to_mapping()))
+    _, strategy, _, _ = run_inline({1: "resnet8"}, num_server_rounds=1, strategy=name,
+                                   fedftg_iterations=1, fedftg_distill_steps=1,
+                                   fedftg_batch_size=8)
     assert strategy.round_stats[1]["clients_ok"] == NUM_CLIENTS - 1
     assert strategy.round_stats[1]["clients_failed"] == 1
     reason = ("needs every client to train the global model cnn@1" if name == "fedftg"
@@ -280,14 +276,8 @@ def test_probe_heads_are_required_from_other_models_and_checked():
 
 
 def test_a_node_config_model_joins_a_width_strategy_without_client_models():
-    config = RunConfig(**{**QUICK, "num_server_rounds": 1, "strategy": "heterofl"})
-    strategy = build_strategy(config)
-    grid = InlineGrid(NUM_CLIENTS)
-    grid.contexts[1].node_config["model"] = "cnn@0.5"
-    torch.manual_seed(0)
-    initial = ArrayRecord(global_model_spec(config).build(load_dataset("digits").spec).state_dict())
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=1,
-                            train_config=ConfigRecord(config.to_mapping()))
+    _, strategy, grid, result = run_inline({1: "cnn@0.5"}, num_server_rounds=1,
+                                           strategy="heterofl")
     assert strategy.round_stats[1]["clients_ok"] == NUM_CLIENTS
     assert _reply_models(grid)[0] == "cnn@0.5" and set(_reply_models(grid).values()) == {
         "cnn@0.5", "cnn@1"}
