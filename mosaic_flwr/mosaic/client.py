@@ -64,7 +64,9 @@ def probe_head(features: torch.Tensor, logits: torch.Tensor, head: nn.Linear, st
     cannot read prototypes (global-model features). This head can: started
     from the global model's ``head``, it is fitted full-batch with Adam to the
     local model's soft predictions (``logits``) on the client's own data
-    (``features``: their global-model features). Deterministic (no sampling).
+    (``features``: their global-model features). The result depends on no random
+    draw, but building the layer advances the global torch RNG (which later draws
+    on this client, e.g. its generator's initialisation, then see).
     Returns ``probe-weight`` (C, D) and ``probe-bias`` (C,).
     """
     probe = nn.Linear(head.in_features, head.out_features)
