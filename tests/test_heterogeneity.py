@@ -147,8 +147,14 @@ def test_probe_head_mimics_the_local_model_on_global_features():
     weight, bias = (torch.from_numpy(probe[k].numpy()) for k in ("probe-weight", "probe-bias"))
     after = ((features @ weight.T + bias).argmax(1) == logits.argmax(1)).float().mean()
     assert before < 0.7 and after > 0.95
+    start_weight = start.weight.detach().clone()
+    rng_state = torch.get_rng_state()
     again = probe_head(features, logits, start, steps=300, lr=0.05)
     assert np.array_equal(again["probe-weight"].numpy(), probe["probe-weight"].numpy())
+    # Neither the global RNG (the client's generator initialisation draws from it
+    # next) nor the head it starts from is touched.
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert torch.equal(start.weight, start_weight)
 
 
 # ------------------------------------------------------------------ strategies, in process

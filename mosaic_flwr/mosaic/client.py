@@ -64,23 +64,24 @@ def probe_head(features: torch.Tensor, logits: torch.Tensor, head: nn.Linear, st
     cannot read prototypes (global-model features). This head can: started
     from the global model's ``head``, it is fitted full-batch with Adam to the
     local model's soft predictions (``logits``) on the client's own data
-    (``features``: their global-model features). The result depends on no random
-    draw, but building the layer advances the global torch RNG (which later draws
-    on this client, e.g. its generator's initialisation, then see).
-    Returns ``probe-weight`` (C, D) and ``probe-bias`` (C,).
+    (``features``: their global-model features). It fits plain tensors cloned
+    from the head, so it draws nothing from the global torch RNG and the
+    client's later draws (its generator's initialisation) are those of a run
+    without the probe. Returns ``probe-weight`` (C, D) and ``probe-bias`` (C,).
     """
-    probe = nn.Linear(head.in_features, head.out_features)
-    probe.load_state_dict({k: v.detach().float().cpu() for k, v in head.state_dict().items()})
+    weight = head.weight.detach().float().cpu().clone().requires_grad_(True)
+    bias = head.bias.detach().float().cpu().clone().requires_grad_(True)
     if len(features):
         targets = torch.softmax(logits.float(), dim=1)
-        optimiser = torch.optim.Adam(probe.parameters(), lr=lr)
+        optimiser = torch.optim.Adam([weight, bias], lr=lr)
         for _ in range(steps):
-            loss = -(targets * torch.log_softmax(probe(features.float()), dim=1)).sum(1).mean()
+            log_probs = torch.log_softmax(features.float() @ weight.T + bias, dim=1)
+            loss = -(targets * log_probs).sum(1).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    return {PROBE_WEIGHT: Array(probe.weight.detach().numpy().astype("float32")),
-            PROBE_BIAS: Array(probe.bias.detach().numpy().astype("float32"))}
+    return {PROBE_WEIGHT: Array(weight.detach().numpy().astype("float32")),
+            PROBE_BIAS: Array(bias.detach().numpy().astype("float32"))}
 
 
 def client_generator(classifier: nn.Module, images: torch.Tensor, transform: BatchTransform,
