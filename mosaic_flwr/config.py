@@ -22,6 +22,7 @@ import yaml
 
 from .baselines.settings import (DenseSettings, FedCOGSettings, FedDFSettings, FedFTGSettings,
                                  FedGenSettings)
+from .errors import ConfigError
 from .method_settings import MethodSettings
 from .mosaic.settings import MosaicSettings
 
@@ -34,14 +35,6 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("", "online", "offline", "disabled")
-
-
-class ConfigError(ValueError):
-    """A run-config value that is not allowed; the message names key, value and rule."""
-
-    def __init__(self, key: str, value: Any, allowed: str) -> None:
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"invalid run config: {key}={value!r}: {allowed}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ import dataclasses
 from dataclasses import fields
 from typing import Any, ClassVar, Mapping, TypeVar
 
+from .errors import ConfigError
+
 T = TypeVar("T", bound="MethodSettings")
 
 
@@ -53,9 +55,6 @@ class MethodSettings:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the run-config key of the first bad value."""
-        # Imported here: config.py reads settings defaults at import time.
-        from .config import ConfigError  # pylint: disable=import-outside-toplevel
-
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             key = self.key(f.name)

@@ -19,15 +19,12 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from .client_models import global_model_spec
-from .config import ConfigError, RunConfig, resolve_run_config
-from .data import BatchTransform, DatasetUnavailableError, label_counts, load_dataset, partitions_for
+from .config import RunConfig, resolve_run_config
+from .errors import ConfigError, DatasetUnavailableError, FederationTooSmallError
+from .data import BatchTransform, label_counts, load_dataset, partitions_for
 from .results import RunRecorder, make_run_dir
 from .strategies import build_strategy
 from .training import evaluate, evaluate_predictor, select_device
-
-
-class FederationTooSmallError(RuntimeError):
-    """Fewer SuperNodes connected than ``num-clients`` within ``node-wait-timeout``."""
 
 
 def load_config(grid: Grid, context: Context) -> RunConfig:

@@ -23,11 +23,8 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.supercore import log
 
 from .config import RunConfig
+from .errors import NotEnoughRepliesError
 from .records import CLIENT_RECORD
-
-
-class NotEnoughRepliesError(RuntimeError):
-    """Fewer usable replies than ``min-clients`` in a round."""
 
 
 def reply_partition_id(msg: Message) -> int:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DatasetUnavailableError
+
 
 @dataclass(frozen=True)
 class DatasetSpec:  # pylint: disable=too-many-instance-attributes
@@ -66,10 +68,6 @@ DATASETS: dict[str, DatasetSpec] = {
 
 #: Share of ``digits`` held out as the test split (stratified, fixed across seeds).
 DIGITS_TEST_FRACTION = 0.2
-
-
-class DatasetUnavailableError(RuntimeError):
-    """A data set could not be loaded; the message says where we looked and what to do."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 #: Redraws allowed before a Dirichlet split that leaves a client too small gives up.
 MAX_DIRICHLET_DRAWS = 1000

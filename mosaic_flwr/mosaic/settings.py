@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..errors import ConfigError
 from ..method_settings import MethodSettings
 
 #: Ways to mix client models into per-class experts.
@@ -94,9 +95,6 @@ class MosaicSettings(MethodSettings):  # pylint: disable=too-many-instance-attri
     def validate(self) -> None:
         """Raise ``ConfigError`` (naming the ``mosaic-*`` key) for the first bad value
         (Mosaic's rules are its own: -1 fine-tuning rounds, head-divisible meta dim, ...)."""
-        # Imported here: config.py reads this module's defaults at import time.
-        from ..config import ConfigError  # pylint: disable=import-outside-toplevel
-
         key = self.key
         for name in ("prototypes_per_class", "prototype_min_cluster", "generator_steps",
                      "generator_batch_size", "generator_latent_dim", "generator_width",
