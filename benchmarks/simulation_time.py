@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from mosaic_flwr.launch import LocalSuperLink, parse_overrides, simulate
+from mosaic_flwr.simulation import LocalSuperLink, parse_overrides, simulate
 
 
 def tree_rss_bytes(root_pid: int) -> int:

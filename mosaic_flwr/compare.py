@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .launch import LocalSuperLink, parse_overrides, resolve_overrides, simulate
+from .simulation import LocalSuperLink, parse_overrides, resolve_overrides, simulate
 
 #: Named methods: run-config overrides that define each one.
 METHODS: dict[str, dict[str, Any]] = {

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mosaic_flwr.launch import FLOWER_ENV, free_port
+from mosaic_flwr.simulation import FLOWER_ENV, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

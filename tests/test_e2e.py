@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mosaic_flwr.launch import FLOWER_ENV, LocalSuperLink, free_port, simulate
+from mosaic_flwr.simulation import FLOWER_ENV, LocalSuperLink, free_port, simulate
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +178,7 @@ def test_mosaic_runs_its_whole_schedule_under_flwr_run(superlink, tmp_path):
 
 
 def test_compare_writes_one_table_over_methods_and_seeds(tmp_path):
-    from mosaic_flwr.launch import main  # pylint: disable=import-outside-toplevel
+    from mosaic_flwr.cli import main  # pylint: disable=import-outside-toplevel
 
     out = tmp_path / "cmp"
     code = main(["compare", "--methods", "fedavg", "mosaic-no-meta", "--seeds", "0", "1",
@@ -243,7 +243,7 @@ SHORT_BASELINES = {"partitioner": "dirichlet", "dirichlet-alpha": 0.1, "num-clie
 
 
 def test_every_baseline_completes_under_flwr_run(tmp_path):
-    from mosaic_flwr.launch import main  # pylint: disable=import-outside-toplevel
+    from mosaic_flwr.cli import main  # pylint: disable=import-outside-toplevel
 
     methods = ["fedgen", "fedftg", "dense", "feddf", "fedcog"]
     out = tmp_path / "baselines"

@@ -1,4 +1,4 @@
-"""``mosaic-flwr simulate``: run the app with ``flwr run`` on a private local SuperLink.
+"""Process control for ``mosaic-flwr simulate``: ``flwr run`` on a private local SuperLink.
 
 Plain ``flwr run .`` works too, but it reuses a detached SuperLink that may
 have been started by another checkout with other settings, it gives only two
@@ -15,7 +15,6 @@ when the run failed. This launcher:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -250,108 +249,3 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     from flwr.common.config import parse_config_args  # pylint: disable=import-outside-toplevel
 
     return dict(parse_config_args(items)) if items else {}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mosaic-flwr`` command."""
-    parser = argparse.ArgumentParser(prog="mosaic-flwr", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run one simulation and check that it completed")
-    sim.add_argument("-c", "--run-config", action="append", default=[],
-                     help="run-config overrides, TOML values: \"dataset='digits' seed=1\"")
-    sim.add_argument("--output-dir", type=Path, default=Path("outputs"),
-                     help="base folder for results unless output-dir is in --run-config "
-                          "(default: ./outputs)")
-    sim.add_argument("--cpus-per-client", type=int, default=1)
-    sim.add_argument("--gpus-per-client", type=float, default=0.0,
-                     help="fraction of a GPU per virtual client, e.g. 0.25 (needs CUDA)")
-    sim.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder")
-    cmp_ = sub.add_parser("compare", help="run several methods over seeds (and alphas) and "
-                                          "write comparison.md/.csv/.png")
-    cmp_.add_argument("--methods", nargs="+", default=["fedavg", "mosaic"],
-                      help="named methods (fedavg, fedprox, mosaic, mosaic-no-meta, "
-                           "mosaic-noise-inputs, mosaic-uniform-experts, mosaic-no-distill) or "
-                           "'label:key=value key=value'")
-    cmp_.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    cmp_.add_argument("--alphas", type=float, nargs="+", default=None,
-                      help="Dirichlet alphas to sweep (default: the run config's)")
-    cmp_.add_argument("-c", "--run-config", action="append", default=[],
-                      help="run-config values shared by every method, TOML values")
-    cmp_.add_argument("--output-dir", type=Path, default=Path("outputs/comparison"))
-    cmp_.add_argument("--cpus-per-client", type=int, default=1)
-    cmp_.add_argument("--gpus-per-client", type=float, default=0.0)
-    local = sub.add_parser("local-only", help="the no-federation reference: every client "
-                                              "trains its own model alone")
-    local.add_argument("-c", "--run-config", action="append", default=[],
-                       help="run-config values (data, partitions, client-models, budget)")
-    local.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    local.add_argument("--output-dir", type=Path, default=Path("outputs/local-only"))
-    args = parser.parse_args(argv)
-    if args.command == "compare":
-        return _compare(args)
-    if args.command == "local-only":
-        return _local_only(args)
-    try:
-        outcome = simulate(parse_overrides(args.run_config), app_dir=args.app,
-                           output_dir=args.output_dir, cpus_per_client=args.cpus_per_client,
-                           gpus_per_client=args.gpus_per_client, stream=True)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"\nrun {outcome.run_id}: {outcome.status}; results in {outcome.run_dir}")
-    if outcome.completed:
-        summary = outcome.summary
-        print(f"final accuracy {summary['final_accuracy']:.4f}, best "
-              f"{summary['best_accuracy']:.4f}, {summary['wall_seconds']:.1f}s")
-        return 0
-    return 1
-
-
-def _compare(args: argparse.Namespace) -> int:
-    # Imported here: compare builds on this module.
-    from .compare import parse_method, run_comparison  # pylint: disable=import-outside-toplevel
-
-    try:
-        methods = [parse_method(text) for text in args.methods]
-        base = parse_overrides(args.run_config)
-        for method in methods:  # fail in a second, before any run starts
-            for alpha in args.alphas or [None]:
-                overrides = {**base, **method.overrides}
-                if alpha is not None:
-                    overrides["dirichlet-alpha"] = alpha
-                resolve_overrides(overrides)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    rows = run_comparison(methods, args.seeds, args.alphas or [None], base, args.output_dir,
-                          args.cpus_per_client, args.gpus_per_client)
-    report = (args.output_dir / "comparison.md").resolve()
-    print(report.read_text(encoding="utf-8"))
-    print(f"report: {report}")
-    return 0 if all(row["status"] == "finished:completed" for row in rows) else 1
-
-
-def _local_only(args: argparse.Namespace) -> int:
-    # Imported here: it trains models (torch), which the launcher itself does not need.
-    from .local_only import local_only, summarise, write_csv  # pylint: disable=import-outside-toplevel
-
-    try:
-        base = resolve_overrides(parse_overrides(args.run_config))
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    rows = []
-    for seed in args.seeds:
-        rows += local_only(base.replace(seed=seed))
-        print(f"[local-only] seed {seed} done")
-    write_csv(rows, args.output_dir / "local-only.csv")
-    print("| client model | local-only test accuracy (mean ± std over seeds) | seeds |")
-    print("|---|---|---|")
-    for model, (mean, spread, count) in summarise(rows).items():
-        print(f"| {model} | {mean:.4f} ± {spread:.4f} | {count} |")
-    print(f"rows: {(args.output_dir / 'local-only.csv').resolve()}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

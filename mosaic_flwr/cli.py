@@ -1,0 +1,130 @@
+"""The ``mosaic-flwr`` command: ``simulate``, ``compare`` and ``local-only``.
+
+Only argument parsing lives here; it imports nothing heavy, so ``--help``
+answers at once. Process control (a private SuperLink, ``flwr run``) is in
+:mod:`mosaic_flwr.simulation`, the comparison in :mod:`mosaic_flwr.compare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import ConfigError
+
+#: The Flower app folder (``pyproject.toml`` with the ServerApp and ClientApp).
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mosaic-flwr`` command."""
+    parser = argparse.ArgumentParser(prog="mosaic-flwr", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run one simulation and check that it completed")
+    sim.add_argument("-c", "--run-config", action="append", default=[],
+                     help="run-config overrides, TOML values: \"dataset='digits' seed=1\"")
+    sim.add_argument("--output-dir", type=Path, default=Path("outputs"),
+                     help="base folder for results unless output-dir is in --run-config "
+                          "(default: ./outputs)")
+    sim.add_argument("--cpus-per-client", type=int, default=1)
+    sim.add_argument("--gpus-per-client", type=float, default=0.0,
+                     help="fraction of a GPU per virtual client, e.g. 0.25 (needs CUDA)")
+    sim.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder")
+    cmp_ = sub.add_parser("compare", help="run several methods over seeds (and alphas) and "
+                                          "write comparison.md/.csv/.png")
+    cmp_.add_argument("--methods", nargs="+", default=["fedavg", "mosaic"],
+                      help="named methods (fedavg, fedprox, mosaic, mosaic-no-meta, "
+                           "mosaic-noise-inputs, mosaic-uniform-experts, mosaic-no-distill) or "
+                           "'label:key=value key=value'")
+    cmp_.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    cmp_.add_argument("--alphas", type=float, nargs="+", default=None,
+                      help="Dirichlet alphas to sweep (default: the run config's)")
+    cmp_.add_argument("-c", "--run-config", action="append", default=[],
+                      help="run-config values shared by every method, TOML values")
+    cmp_.add_argument("--output-dir", type=Path, default=Path("outputs/comparison"))
+    cmp_.add_argument("--cpus-per-client", type=int, default=1)
+    cmp_.add_argument("--gpus-per-client", type=float, default=0.0)
+    local = sub.add_parser("local-only", help="the no-federation reference: every client "
+                                              "trains its own model alone")
+    local.add_argument("-c", "--run-config", action="append", default=[],
+                       help="run-config values (data, partitions, client-models, budget)")
+    local.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    local.add_argument("--output-dir", type=Path, default=Path("outputs/local-only"))
+    args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "local-only":
+        return _local_only(args)
+    return _simulate(args)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    # Imported per command, so that --help needs none of it.
+    from .simulation import parse_overrides, simulate  # pylint: disable=import-outside-toplevel
+
+    try:
+        outcome = simulate(parse_overrides(args.run_config), app_dir=args.app,
+                           output_dir=args.output_dir, cpus_per_client=args.cpus_per_client,
+                           gpus_per_client=args.gpus_per_client, stream=True)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nrun {outcome.run_id}: {outcome.status}; results in {outcome.run_dir}")
+    if outcome.completed:
+        summary = outcome.summary
+        print(f"final accuracy {summary['final_accuracy']:.4f}, best "
+              f"{summary['best_accuracy']:.4f}, {summary['wall_seconds']:.1f}s")
+        return 0
+    return 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import parse_method, run_comparison  # pylint: disable=import-outside-toplevel
+    from .simulation import parse_overrides, resolve_overrides  # pylint: disable=import-outside-toplevel
+
+    try:
+        methods = [parse_method(text) for text in args.methods]
+        base = parse_overrides(args.run_config)
+        for method in methods:  # fail in a second, before any run starts
+            for alpha in args.alphas or [None]:
+                overrides = {**base, **method.overrides}
+                if alpha is not None:
+                    overrides["dirichlet-alpha"] = alpha
+                resolve_overrides(overrides)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = run_comparison(methods, args.seeds, args.alphas or [None], base, args.output_dir,
+                          args.cpus_per_client, args.gpus_per_client)
+    report = (args.output_dir / "comparison.md").resolve()
+    print(report.read_text(encoding="utf-8"))
+    print(f"report: {report}")
+    return 0 if all(row["status"] == "finished:completed" for row in rows) else 1
+
+
+def _local_only(args: argparse.Namespace) -> int:
+    from .local_only import local_only, summarise, write_csv  # pylint: disable=import-outside-toplevel
+    from .simulation import parse_overrides, resolve_overrides  # pylint: disable=import-outside-toplevel
+
+    try:
+        base = resolve_overrides(parse_overrides(args.run_config))
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = []
+    for seed in args.seeds:
+        rows += local_only(base.replace(seed=seed))
+        print(f"[local-only] seed {seed} done")
+    write_csv(rows, args.output_dir / "local-only.csv")
+    print("| client model | local-only test accuracy (mean ± std over seeds) | seeds |")
+    print("|---|---|---|")
+    for model, (mean, spread, count) in summarise(rows).items():
+        print(f"| {model} | {mean:.4f} ± {spread:.4f} | {count} |")
+    print(f"rows: {(args.output_dir / 'local-only.csv').resolve()}")
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
