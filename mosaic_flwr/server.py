@@ -73,6 +73,11 @@ class CentralEvaluator:
         return accuracy
 
 
+def message_config(config: RunConfig) -> ConfigRecord:
+    """What every instruction carries of the run config (the ``config`` ConfigRecord)."""
+    return ConfigRecord(config.to_mapping())
+
+
 def run_server(grid: Grid, context: Context) -> dict:
     """Run one experiment end to end and return its summary."""
     try:
@@ -113,8 +118,8 @@ def run_server(grid: Grid, context: Context) -> dict:
             initial_arrays=initial_arrays,
             num_rounds=config.num_server_rounds,
             timeout=config.round_timeout,
-            train_config=ConfigRecord(config.to_mapping()),
-            evaluate_config=ConfigRecord(config.to_mapping()),
+            train_config=message_config(config),
+            evaluate_config=message_config(config),
             evaluate_fn=evaluate_fn,
         )
     except Exception as err:
