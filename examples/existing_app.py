@@ -21,8 +21,9 @@ from torch import nn
 
 from mosaic_flwr import MosaicSettings, MosaicStrategy, TrainTask
 from mosaic_flwr.data import BatchTransform, DatasetSpec
-from mosaic_flwr.mosaic.client import client_generator, client_statistics
-from mosaic_flwr.mosaic.generator import build_generator
+from mosaic_flwr.kd.generator import build_generator
+from mosaic_flwr.kd.upload import client_generator
+from mosaic_flwr.mosaic.client import client_statistics
 
 NUM_CLIENTS = 4
 SPEC = DatasetSpec("my-digits", channels=1, image_size=8, num_classes=10, mean=(0.3,),
@@ -63,7 +64,8 @@ server = ServerApp()
 @server.main()
 def server_main(grid: Grid, context: Context) -> None:  # pylint: disable=unused-argument
     """FedAvg-style setup; only the strategy differs."""
-    strategy = MosaicStrategy(model_fn=MyNet, generator_fn=lambda: build_generator(SPEC, SETTINGS),
+    strategy = MosaicStrategy(model_fn=MyNet,
+                              generator_fn=lambda: build_generator(SPEC, SETTINGS.generator),
                               settings=SETTINGS, min_available_nodes=NUM_CLIENTS,
                               min_train_nodes=NUM_CLIENTS, fraction_evaluate=0.0)
     torch.manual_seed(0)
@@ -98,8 +100,8 @@ def client_train(msg: Message, context: Context) -> Message:
             loss.backward()
             optimiser.step()
     if task.upload_generator:
-        content["generator"], _ = client_generator(model, images, transform, SPEC, settings,
-                                                   device, rng)
+        content["generator"], _ = client_generator(model, images, transform, SPEC,
+                                                   settings.generator, device, rng)
     content["arrays"] = ArrayRecord(model.state_dict())
     content["metrics"] = MetricRecord({"num-examples": len(labels),
                                        "train-loss": float(loss.detach())})

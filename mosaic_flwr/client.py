@@ -9,43 +9,48 @@ model, a width slice of it, or its own architecture
 (:mod:`mosaic_flwr.client_models`). A strategy that needs more than local
 training says so in the message's ``task`` record
 (:class:`~mosaic_flwr.records.TrainTask`): a scaled learning rate, other epochs,
-a local objective (FedGen, FedCOG), label counts and prototypes, a trained
-generator. Only model weights, label counts, prototypes (k-means centres), a
+and the method parts to run around local training (:func:`client_parts`: a
+local objective for FedGen or FedCOG, label counts, Mosaic's prototypes, a
+trained generator), each in its method's module. Only model weights, label counts, prototypes (k-means centres), a
 linear probe head, generator weights and aggregate metrics leave the client.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from .baselines.fedcog import fedcog_regulariser
-from .baselines.fedgen import fedgen_regulariser
+from .baselines.fedcog import FedCOGObjective
+from .baselines.fedgen import FedGenObjective
 from .client_models import client_model_spec, global_model_spec, initial_seed
+from .client_part import ClientPart, ClientWork
 from .config import RunConfig
 from .data import BatchTransform, client_indices, load_dataset
+from .kd.upload import GeneratorUpload
 from .models import Classifier, ModelSpec
+from .mosaic.client import MosaicStatistics
 from .node import NodeSettings
-from .mosaic.client import (client_generator, extract_features, label_counts_array, probe_head,
-                            prototype_statistics)
-from .mosaic.settings import MosaicSettings
-from .records import (CLIENT_RECORD, GENERATOR_RECORD, GLOBAL_MODEL_RECORD, LABEL_COUNTS,
-                      LOCAL_MODEL_RECORD, STATS_RECORD, TrainTask)
+from .records import (CLIENT_RECORD, GLOBAL_MODEL_RECORD, LABEL_COUNTS, STATS_RECORD, TrainTask,
+                      label_counts_array)
 from .submodels import extract_submodel, submodel_indices
-from .training import Regulariser, TrainSettings, evaluate, select_device, train
+from .training import TrainSettings, evaluate, select_device, train
 
 #: Keys the strategy adds to the run config in every message.
 TRANSPORT_KEYS = ("server-round",)
 
 
 def config_from_message(msg: Message) -> RunConfig:
-    """The run config the server sent with this message."""
+    """The run config the server sent with this message, as the server validated it.
+
+    Messages carry the core keys only, so the method sections hold defaults
+    here: a method's client part reads its settings from the ``task`` record.
+    """
     record = msg.content.config_records["config"]
-    return RunConfig.from_mapping({k: v for k, v in record.items() if k not in TRANSPORT_KEYS})
+    return RunConfig.from_mapping({k: v for k, v in record.items() if k not in TRANSPORT_KEYS},
+                                  validate=False)
 
 
 def round_seed(config: RunConfig, pid: int, server_round: int) -> int:
@@ -153,75 +158,64 @@ def train_settings(config: RunConfig, task: TrainTask | None = None) -> TrainSet
         augment=config.augment, amp=config.amp)
 
 
-#: Local objectives beyond cross-entropy, by the name a task gives:
-#: ``builder(setup, msg, task, rng, metrics) -> Regulariser | None``, called with
-#: the received global model before training (it may add metrics, e.g. timings).
-OBJECTIVES: dict[str, Callable[..., Regulariser | None]] = {
-    "fedgen": fedgen_regulariser,
-    "fedcog": fedcog_regulariser,
+class LabelCounts(ClientPart):
+    """Before training: add the label counts to the reply (FedFTG's and DENSE's teachers)."""
+
+    def before_training(self, work: ClientWork) -> None:
+        setup = work.setup
+        work.extra[STATS_RECORD] = ArrayRecord(
+            {LABEL_COUNTS: label_counts_array(setup.labels, setup.spec.num_classes)})
+
+
+#: Local objectives beyond cross-entropy, by the name a task gives (``TrainTask.objective``).
+OBJECTIVES: dict[str, Callable[[], ClientPart]] = {
+    "fedgen": FedGenObjective,
+    "fedcog": FedCOGObjective,
 }
 
 
-def handle_train(msg: Message, context: Context) -> Message:
-    """Train the global model locally and reply with what the server's task asks for.
-
-    Prototypes are computed before training, with the received global model's
-    features, and so is the objective's set-up (FedCOG's complementary data);
-    the generator is trained after training, against the trained local model.
-    """
-    task = TrainTask.from_message(msg)
-    setup = LocalSetup(msg, context, task)
-    torch.manual_seed(setup.seed)
-    rng = torch.Generator().manual_seed(setup.seed)
-    extra: dict[str, ArrayRecord] = {}
-    metrics: dict[str, float] = {}
-    mosaic = MosaicSettings.from_mapping(task.settings)
+def client_parts(task: TrainTask) -> list[ClientPart]:
+    """The method parts a round's task asks for, in the order they run (new for each message)."""
+    parts: list[ClientPart] = []
     if task.upload_stats:
-        start = time.monotonic()
-        global_model = setup.global_model(msg)
-        global_head = copy.deepcopy(global_model.head)
-        global_features = extract_features(global_model, setup.images, setup.transform,
-                                           setup.device)
-        extra[STATS_RECORD] = prototype_statistics(global_features, setup.labels,
-                                                   setup.spec.num_classes, mosaic, rng)
-        metrics["stats-seconds"] = time.monotonic() - start
+        parts.append(MosaicStatistics())
     elif task.upload_counts:
-        extra[STATS_RECORD] = ArrayRecord(
-            {LABEL_COUNTS: label_counts_array(setup.labels, setup.spec.num_classes)})
-    regulariser = None
+        parts.append(LabelCounts())
     if task.objective:
         if task.objective not in OBJECTIVES:
             raise ValueError(f"unknown local objective {task.objective!r}; "
                              f"known: {', '.join(OBJECTIVES)}")
-        regulariser = OBJECTIVES[task.objective](setup, msg, task, rng, metrics)
+        parts.append(OBJECTIVES[task.objective]())
+    if task.upload_generator:
+        parts.append(GeneratorUpload())
+    return parts
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train this client's model locally, with the method parts its task asks for.
+
+    Every method goes through the same steps: each part's ``before_training``
+    (on the received model: Mosaic's prototypes, FedCOG's synthesis), local
+    training (with the regulariser a part returned), each part's
+    ``after_training`` (on the trained model: Mosaic's probe head, a generator),
+    and one reply. See :mod:`mosaic_flwr.client_part`.
+    """
+    task = TrainTask.from_message(msg)
+    setup = LocalSetup(msg, context, task)
+    torch.manual_seed(setup.seed)
+    work = ClientWork(msg, context, task, setup, torch.Generator().manual_seed(setup.seed))
+    parts = client_parts(task)
+    regularisers = [r for part in parts if (r := part.before_training(work)) is not None]
     start = time.monotonic()
     result = train(setup.model, setup.images, setup.labels, setup.transform,
-                   train_settings(setup.config, task), setup.device, rng, regulariser)
-    metrics["train-seconds"] = time.monotonic() - start
-    if task.upload_stats:  # the trained model's predictions, read from global-model features
-        logits = local_logits(setup)
-        extra[STATS_RECORD] = ArrayRecord({**dict(extra[STATS_RECORD].items()),
-                                           **probe_head(global_features, logits, global_head)})
-    if task.keep_model:  # stays on the node, for the next round (FedCOG)
-        context.state[LOCAL_MODEL_RECORD] = ArrayRecord(
-            {k: v.detach().cpu() for k, v in setup.model.state_dict().items()})
-    if task.upload_generator:
-        start = time.monotonic()
-        extra[GENERATOR_RECORD], report = client_generator(
-            setup.model, setup.images, setup.transform, setup.spec, mosaic, setup.device, rng)
-        metrics["generator-seconds"] = time.monotonic() - start
-        metrics["generator-loss-first"] = report.first["total"]
-        metrics["generator-loss-last"] = report.last["total"]
-    metrics.update({"num-examples": result.num_examples, "train-loss": result.loss,
-                    "train-accuracy": result.accuracy})
-    return setup.reply(msg, metrics, with_model=True, extra=extra)
-
-
-@torch.no_grad()
-def local_logits(setup: LocalSetup) -> torch.Tensor:
-    """The client's (trained) model's logits on its own data, on the CPU."""
-    features = extract_features(setup.model, setup.images, setup.transform, setup.device)
-    return setup.model.head(features.to(setup.device)).float().cpu()
+                   train_settings(setup.config, task), setup.device, work.rng,
+                   regularisers[0] if regularisers else None)
+    work.metrics["train-seconds"] = time.monotonic() - start
+    for part in parts:
+        part.after_training(work)
+    work.metrics.update({"num-examples": result.num_examples, "train-loss": result.loss,
+                         "train-accuracy": result.accuracy})
+    return setup.reply(msg, work.metrics, with_model=True, extra=work.extra)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

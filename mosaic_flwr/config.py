@@ -1,34 +1,39 @@
 """One typed, validated run configuration, built from Flower's run config.
 
 Every key of ``[tool.flwr.app.config]`` in ``pyproject.toml`` is a field of
-:class:`RunConfig` (hyphens in keys, underscores in fields). Values come, from
-lowest to highest precedence, from the dataclass defaults (mirrored in
-``pyproject.toml``), a YAML preset named by the ``preset`` key, and the values a
-user passes explicitly with ``flwr run --run-config``.
+:class:`RunConfig`: a core key such as ``dirichlet-alpha`` is field
+``dirichlet_alpha``, and a method's key such as ``mosaic-warmup-rounds`` is
+field ``warmup_rounds`` of the method's section, ``config.mosaic`` (a
+:class:`~mosaic_flwr.mosaic.settings.MosaicSettings`). The flat keys exist
+only at the edge (:meth:`RunConfig.from_mapping` / :meth:`RunConfig.to_mapping`).
+Values come, from lowest to highest precedence, from the dataclass defaults
+(mirrored in ``pyproject.toml``), a YAML preset named by the ``preset`` key,
+and the values a user passes explicitly with ``flwr run --run-config``.
 
-Code below this module never reads raw dictionaries: it receives a
-``RunConfig``, which has been validated before any training starts.
+Code below this module never reads raw dictionaries: the ServerApp builds and
+validates a ``RunConfig`` once, before any training starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import yaml
 
 from .baselines.settings import (DenseSettings, FedCOGSettings, FedDFSettings, FedFTGSettings,
                                  FedGenSettings)
+from .client_models import assign_client_models, client_models_value, global_model_spec
+from .data.datasets import DATASETS
+from .data.partition import PARTITIONERS
 from .errors import ConfigError
 from .method_settings import MethodSettings
+from .models import MODELS
 from .mosaic.settings import MosaicSettings
-
-#: Every method's settings class; each field becomes a prefixed RunConfig field.
-METHOD_SETTINGS: tuple[type[MethodSettings], ...] = (
-    MosaicSettings, FedGenSettings, FedFTGSettings, DenseSettings, FedDFSettings, FedCOGSettings)
+from .registry import STRATEGIES
 
 #: Folder of the named experiment presets shipped with the app.
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -38,11 +43,19 @@ WANDB_MODES = ("", "online", "offline", "disabled")
 
 
 @dataclass(frozen=True)
-class CoreConfig:  # pylint: disable=too-many-instance-attributes
-    """The settings every run has; :class:`RunConfig` adds each method's settings.
+class RunConfig:  # pylint: disable=too-many-instance-attributes
+    """All settings of one run: the core keys, then one section per method.
 
-    Field ``dirichlet_alpha`` is run-config key ``dirichlet-alpha``.
+    Field ``dirichlet_alpha`` is run-config key ``dirichlet-alpha``; section
+    ``mosaic`` holds the ``mosaic-*`` keys (field ``warmup_rounds`` is key
+    ``mosaic-warmup-rounds``), and likewise for every method in
+    :attr:`SECTIONS`.
     """
+
+    #: Each method's settings class, by the name of its section (= its key prefix).
+    SECTIONS: ClassVar[dict[str, type[MethodSettings]]] = {
+        cls.PREFIX: cls for cls in (MosaicSettings, FedGenSettings, FedFTGSettings,
+                                    DenseSettings, FedDFSettings, FedCOGSettings)}
 
     preset: str = ""
     strategy: str = "fedavg"
@@ -82,34 +95,71 @@ class CoreConfig:  # pylint: disable=too-many-instance-attributes
     # Share of the training split held out from every client, unlabelled, for
     # methods that distil on server-side proxy data (feddf-inputs='proxy').
     proxy_fraction: float = 0.0
+    # One section per method (its ``<prefix>-*`` keys).
+    mosaic: MosaicSettings = field(default_factory=MosaicSettings)
+    fedgen: FedGenSettings = field(default_factory=FedGenSettings)
+    fedftg: FedFTGSettings = field(default_factory=FedFTGSettings)
+    dense: DenseSettings = field(default_factory=DenseSettings)
+    feddf: FedDFSettings = field(default_factory=FedDFSettings)
+    fedcog: FedCOGSettings = field(default_factory=FedCOGSettings)
+
     # ------------------------------------------------------------------ building
     @classmethod
-    def keys(cls) -> list[str]:
-        """Run-config keys, in declaration order."""
-        return [_key(f.name) for f in fields(cls)]
+    def core_keys(cls) -> list[str]:
+        """Run-config keys of the core fields, in declaration order."""
+        return [_key(f.name) for f in fields(cls) if f.name not in cls.SECTIONS]
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, ignore_unknown: bool = False) -> "RunConfig":
-        """Build and validate a config from run-config keys (unknown keys are errors)."""
+    def keys(cls) -> list[str]:
+        """Every run-config key: the core keys, then each section's prefixed keys."""
+        return cls.core_keys() + [settings.key(f.name) for settings in cls.SECTIONS.values()
+                                  for f in fields(settings)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, validate: bool = True) -> "RunConfig":
+        """Build a config from run-config keys (unknown keys are errors) and validate it.
+
+        ``validate=False`` is for values that were validated already (a client
+        rebuilding the config the server checked).
+        """
+        core = {f.name: f for f in fields(cls) if f.name not in cls.SECTIONS}
+        by_key = {_key(name): f for name, f in core.items()}
+        section_fields = {settings.key(f.name): (prefix, f)
+                          for prefix, settings in cls.SECTIONS.items()
+                          for f in fields(settings)}  # type: ignore[arg-type]
         kwargs: dict[str, Any] = {}
-        by_key = {_key(f.name): f for f in fields(cls)}
+        sections: dict[str, dict[str, Any]] = {prefix: {} for prefix in cls.SECTIONS}
         for key, value in values.items():
-            field = by_key.get(key)
-            if field is None:
-                if ignore_unknown:
-                    continue
-                raise ConfigError(key, value, f"unknown key; known keys: {', '.join(by_key)}")
-            kwargs[field.name] = _coerce(key, value, field.default)
+            if key in by_key:
+                kwargs[by_key[key].name] = _coerce(key, value, by_key[key].default)
+            elif key in section_fields:
+                prefix, f = section_fields[key]
+                sections[prefix][f.name] = _coerce(key, value, f.default)
+            else:
+                raise ConfigError(key, value, f"unknown key; known keys: {', '.join(cls.keys())}")
+        for prefix, settings in cls.SECTIONS.items():
+            kwargs[prefix] = settings(**sections[prefix])
         config = cls(**kwargs)
-        config.validate()
+        if validate:
+            config.validate()
         return config
 
     def to_mapping(self) -> dict[str, Any]:
         """The config as run-config keys and plain values (fits a Flower ConfigRecord)."""
-        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+        values = self.core_mapping()
+        for prefix in self.SECTIONS:
+            section: MethodSettings = getattr(self, prefix)
+            values.update({section.key(name): value
+                           for name, value in section.to_mapping().items()})
+        return values
+
+    def core_mapping(self) -> dict[str, Any]:
+        """The core keys only (what a client needs; each method sends its own settings)."""
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)
+                if f.name not in self.SECTIONS}
 
     def replace(self, **changes: Any) -> "RunConfig":
-        """A validated copy with some fields changed."""
+        """A validated copy with some fields changed (a section is replaced whole)."""
         config = dataclasses.replace(self, **changes)
         config.validate()
         return config
@@ -117,12 +167,6 @@ class CoreConfig:  # pylint: disable=too-many-instance-attributes
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:  # pylint: disable=too-many-branches
         """Raise :class:`ConfigError` for the first value that is not allowed."""
-        # Imported here: the registries import this module for the type.
-        from .data.datasets import DATASETS  # pylint: disable=import-outside-toplevel
-        from .data.partition import PARTITIONERS  # pylint: disable=import-outside-toplevel
-        from .models import MODELS  # pylint: disable=import-outside-toplevel
-        from .strategies import STRATEGIES  # pylint: disable=import-outside-toplevel
-
         _one_of("strategy", self.strategy, STRATEGIES)
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("partitioner", self.partitioner, PARTITIONERS)
@@ -163,66 +207,23 @@ class CoreConfig:  # pylint: disable=too-many-instance-attributes
         if not 0.0 <= self.proxy_fraction < 1.0:
             raise ConfigError("proxy-fraction", self.proxy_fraction, "must be in [0, 1)")
         self._validate_models()
-        self._validate_methods()
+        for prefix in self.SECTIONS:
+            getattr(self, prefix).validate()
+        section = STRATEGIES[self.strategy].section
+        if section:
+            getattr(self, section).check_run(self)
 
     def _validate_models(self) -> None:
-        """``global-model`` and ``client-models`` parse, and the strategy can combine them."""
-        # Imported here: these modules import this one.
-        from .client_models import assign_client_models, global_model_spec  # pylint: disable=import-outside-toplevel
-        from .strategies import STRATEGIES, model_mixing  # pylint: disable=import-outside-toplevel
+        """``global-model`` and ``client-models`` parse (whether the strategy can combine
+        them is :func:`mosaic_flwr.strategies.check_strategy`'s to say)."""
         try:
             global_spec = global_model_spec(self)
         except ValueError as err:
             raise ConfigError("global-model", self.global_model, str(err)) from None
         try:
-            specs = assign_client_models(self.client_models, self.num_clients, self.seed,
-                                         global_spec)
+            assign_client_models(self.client_models, self.num_clients, self.seed, global_spec)
         except ValueError as err:
             raise ConfigError("client-models", self.client_models, str(err)) from None
-        if all(spec == global_spec for spec in specs):
-            return
-        mixing = model_mixing(self.strategy)
-        if not mixing:
-            raise ConfigError("client-models", self.client_models,
-                              f"strategy {self.strategy!r} needs every client to train the global "
-                              f"model {global_spec}; strategies that combine different client "
-                              f"models: {', '.join(n for n in STRATEGIES if model_mixing(n))}")
-        if mixing == "width" and not all(s.holds_slice_of(global_spec) for s in specs):
-            raise ConfigError("client-models", self.client_models,
-                              f"strategy {self.strategy!r} needs width sub-models of the global "
-                              f"model {global_spec} (same family, width <= {global_spec.width:g})")
-
-    def _validate_methods(self) -> None:
-        """Every method's settings, and the named strategy's needs from the rest of the config."""
-        for settings_class in METHOD_SETTINGS:
-            settings_class.from_config(self).validate()
-        values: Any = self
-        mosaic = MosaicSettings.from_config(self)
-        if self.strategy == "mosaic" and (problem := mosaic.schedule_problem(self.num_server_rounds)):
-            raise ConfigError("mosaic-warmup-rounds", values.mosaic_warmup_rounds, problem)
-        if self.strategy == "fedcog" and values.fedcog_start_round > self.num_server_rounds:
-            raise ConfigError("fedcog-start-round", values.fedcog_start_round,
-                              f"must be <= num-server-rounds ({self.num_server_rounds}); "
-                              "FedCOG would never synthesise data")
-        if self.strategy == "feddf" and values.feddf_inputs == "proxy" and self.proxy_fraction == 0:
-            raise ConfigError("feddf-inputs", values.feddf_inputs,
-                              "'proxy' needs proxy-fraction > 0 (the held-out unlabelled split)")
-
-
-def _method_fields() -> list[tuple[str, Any, Any]]:
-    return [(f"{cls.PREFIX}_{f.name}", f.type, dataclasses.field(default=f.default))
-            for cls in METHOD_SETTINGS for f in fields(cls)]  # type: ignore[arg-type]
-
-
-#: All settings of one run: :class:`CoreConfig` plus, for each class in
-#: :data:`METHOD_SETTINGS`, one field ``<prefix>_<name>`` per settings field (so
-#: ``MosaicSettings.warmup_rounds`` is field ``mosaic_warmup_rounds``, run-config
-#: key ``mosaic-warmup-rounds``), with the settings' default.
-RunConfig = dataclasses.make_dataclass("RunConfig", _method_fields(), bases=(CoreConfig,),
-                                       frozen=True)
-RunConfig.__module__ = __name__
-RunConfig.__doc__ = ("All settings of one run: the core keys and every method's prefixed keys "
-                     "(field ``mosaic_warmup_rounds`` is run-config key ``mosaic-warmup-rounds``).")
 
 
 def resolve_run_config(
@@ -272,7 +273,6 @@ def load_preset(name: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError("preset", name, f"{path} must hold a mapping of run-config keys")
     if "client-models" in values:  # a mapping or per-partition list is allowed in YAML
-        from .client_models import client_models_value  # pylint: disable=import-outside-toplevel
         values["client-models"] = client_models_value(values["client-models"])
     known = set(RunConfig.keys())
     for key in values:

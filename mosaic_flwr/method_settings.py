@@ -2,14 +2,16 @@
 
 A method's settings class sets :attr:`MethodSettings.PREFIX` (for example
 ``fedgen``); its field ``generator_lr`` is then run-config key
-``fedgen-generator-lr`` and ``RunConfig`` field ``fedgen_generator_lr``, whose
-default is the dataclass default. Settings travel to clients inside the
-``task`` record as plain ``{field: value}`` mappings.
+``fedgen-generator-lr``, held in the run config's section ``config.fedgen``
+with the dataclass default. Settings travel to clients inside the ``task``
+record as plain ``{field: value}`` mappings.
 
 Validation is declarative: every numeric field must be >= 0, the fields named in
 ``POSITIVE`` must be > 0, those in ``AT_LEAST_ONE`` integers >= 1, those in
 ``FRACTIONS`` in [0, 1), and string fields with an entry in ``CHOICES`` one of
-its values. A class with other rules extends :meth:`validate`.
+its values. A class with other rules extends :meth:`validate`; rules that
+involve other keys of the run (the round budget, the proxy split) go in
+:meth:`check_run`.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ class MethodSettings:
 
     @classmethod
     def from_config(cls: type[T], config: Any) -> T:
-        """The settings held in a :class:`~mosaic_flwr.config.RunConfig`."""
-        return cls(**{f.name: getattr(config, f"{cls.PREFIX}_{f.name}")  # type: ignore[call-arg]
-                      for f in fields(cls)})  # type: ignore[arg-type]
+        """This method's section of a :class:`~mosaic_flwr.config.RunConfig`."""
+        section = getattr(config, cls.PREFIX)
+        assert isinstance(section, cls)
+        return section
 
     @classmethod
     def from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
@@ -52,6 +55,10 @@ class MethodSettings:
     def to_mapping(self) -> dict[str, Any]:
         """``{field: value}``, plain values only (fits a Flower ConfigRecord)."""
         return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def check_run(self, config: Any) -> None:
+        """Raise ``ConfigError`` when the rest of the run config cannot host this method
+        (called only when the run's strategy is this method's; nothing by default)."""
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the run-config key of the first bad value."""

@@ -22,6 +22,7 @@ device='cuda:1' num-threads=4 log-dir='/var/log/mosaic'"``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -81,13 +82,14 @@ class NodeSettings:
         return cls(pid, str(node.get("data-path", "")), device, threads, log_dir, model)
 
     def apply(self, config: RunConfig) -> RunConfig:
-        """The run config as this node runs it (its device and thread count win)."""
+        """The run config as this node runs it (its device and thread count win; both
+        were checked in :meth:`from_node_config`, the rest by the server)."""
         changes: dict[str, Any] = {}
         if self.device:
             changes["device"] = self.device
         if self.num_threads:
             changes["num_threads"] = self.num_threads
-        return config.replace(**changes) if changes else config
+        return dataclasses.replace(config, **changes) if changes else config
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line to this node's log file (no-op without ``log-dir``)."""

@@ -31,7 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ConfigRecord, Message
+import torch
+from flwr.app import Array, ConfigRecord, Message
 
 CLIENT_RECORD = "client"
 TASK_RECORD = "task"
@@ -129,3 +130,8 @@ class TrainTask:
             slicing=str(record.get("slicing", "")),
             settings={k[len(SETTING_PREFIX):]: v for k, v in record.items()
                       if k.startswith(SETTING_PREFIX)})
+
+
+def label_counts_array(labels: torch.Tensor, num_classes: int) -> Array:
+    """Per-class sample counts as the int64 array clients upload (``label-counts``)."""
+    return Array(torch.bincount(labels, minlength=num_classes).numpy().astype("int64"))

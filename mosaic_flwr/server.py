@@ -23,15 +23,18 @@ from .config import RunConfig, resolve_run_config
 from .errors import ConfigError, DatasetUnavailableError, FederationTooSmallError
 from .data import BatchTransform, label_counts, load_dataset, partitions_for
 from .results import RunRecorder, make_run_dir
-from .strategies import build_strategy
+from .strategies import build_strategy, check_strategy
 from .training import evaluate, evaluate_predictor, select_device
 
 
 def load_config(grid: Grid, context: Context) -> RunConfig:
-    """The validated config: app defaults < preset < values passed with --run-config."""
+    """The validated config (app defaults < preset < values passed with --run-config),
+    checked against what its strategy can run."""
     run = getattr(grid, "run", None)
     explicit = getattr(run, "override_config", None)
-    return resolve_run_config(context.run_config, explicit)
+    config = resolve_run_config(context.run_config, explicit)
+    check_strategy(config)
+    return config
 
 
 def wait_for_nodes(grid: Grid, config: RunConfig) -> int:
@@ -74,8 +77,12 @@ class CentralEvaluator:
 
 
 def message_config(config: RunConfig) -> ConfigRecord:
-    """What every instruction carries of the run config (the ``config`` ConfigRecord)."""
-    return ConfigRecord(config.to_mapping())
+    """What every instruction carries of the run config (the ``config`` ConfigRecord).
+
+    Only the core keys: a method's settings travel in the ``task`` record of the
+    rounds that need them (:class:`~mosaic_flwr.records.TrainTask`).
+    """
+    return ConfigRecord(config.core_mapping())
 
 
 def run_server(grid: Grid, context: Context) -> dict:

@@ -29,7 +29,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, resolve_run_config
+from .config import RunConfig, resolve_run_config
+from .strategies import check_strategy
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "mosaic-sim"
@@ -176,7 +177,9 @@ def toml_value(value: Any) -> str:
 
 def resolve_overrides(overrides: dict[str, Any]) -> RunConfig:
     """The validated config a run with these ``--run-config`` overrides will use."""
-    return resolve_run_config({**RunConfig().to_mapping(), **overrides}, explicit=overrides)
+    config = resolve_run_config({**RunConfig().to_mapping(), **overrides}, explicit=overrides)
+    check_strategy(config)
+    return config
 
 
 def plan_run(overrides: dict[str, Any], output_dir: Path,

@@ -13,8 +13,10 @@ Where each method lives (settings for all of them in :mod:`.settings`):
 - :mod:`.fedcog`: FedCOG (Ye et al. 2024): clients synthesise complementary data
   against the global model; the server is FedAvg;
 - :mod:`.heterofl`: HeteroFL (Diao et al. 2021) and FedRolex (Alam et al. 2022):
-  width sub-models of the global model, static or rolling slices;
-- :mod:`.common`: what several of them share (ensembles, diversity loss).
+  width sub-models of the global model, static or rolling slices.
+
+What several of them share with Mosaic (generators, distillation, ensembles,
+the diversity loss) lives in :mod:`mosaic_flwr.kd`.
 
 Import the strategies from their modules or the package top (``from mosaic_flwr
 import FedGenStrategy``); this ``__init__`` stays light because the run config

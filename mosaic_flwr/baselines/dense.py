@@ -33,13 +33,12 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..data.datasets import DATASETS
+from ..kd.distill import DistillWeights, distillation_loss
+from ..kd.ensemble import client_logits
+from ..kd.generator import BatchNormStatistics, ImageGenerator
 from ..models import Classifier
-from ..mosaic.distill import DistillWeights, distillation_loss
-from ..mosaic.generator import BatchNormStatistics, ImageGenerator
 from ..records import TrainTask
-from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy, model_fn_for, server_options
-from .common import client_logits
+from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
 from .settings import DenseSettings
 
 

@@ -27,15 +27,15 @@ import time
 from typing import Callable
 
 import torch
-from flwr.app import Message
+from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..models import Classifier
 from ..records import LOCAL_MODEL_RECORD, TrainTask
-from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy, model_fn_for, server_options
+from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
+from ..client_part import ClientPart, ClientWork
 from ..training import Regulariser
 from .settings import FedCOGSettings
 
@@ -108,41 +108,51 @@ class FedCOGStrategy(TaskStrategy):
                          settings=self.settings.to_mapping())
 
 
-def fedcog_regulariser(setup, msg: Message, task: TrainTask, rng: torch.Generator,  # pylint: disable=unused-argument
-                       metrics: dict[str, float]) -> Regulariser | None:
-    """Synthesise this client's complementary data; the distillation term on it, or None
-    before ``start_round`` or when the client holds every class equally."""
-    settings = FedCOGSettings.from_mapping(task.settings)
-    if setup.server_round < settings.start_round:
-        return None
-    counts = torch.bincount(setup.labels, minlength=setup.spec.num_classes)
-    per_class = complementary_counts(counts, settings.num_samples)
-    if int(per_class.sum()) == 0:
-        return None
-    start = time.monotonic()
-    model: Classifier = setup.model
-    local = setup.global_spec.build(setup.spec)
-    previous = setup.context.state.array_records.get(LOCAL_MODEL_RECORD)
-    local.load_state_dict(previous.to_torch_state_dict() if previous is not None
-                          else model.state_dict())
-    x_syn, _, targets = synthesize_complementary(
-        model.to(setup.device), local.to(setup.device), per_class,
-        (setup.spec.channels, setup.spec.image_size, setup.spec.image_size), settings,
-        setup.device, rng)
-    metrics["fedcog-seconds"] = time.monotonic() - start
-    metrics["fedcog-samples"] = len(x_syn)
-    notional = float((counts.max() - counts).sum())
-    w_syn = notional / (notional + len(setup.labels))
-    metrics["fedcog-synthetic-weight"] = w_syn
-    temp = settings.temperature
+class FedCOGObjective(ClientPart):
+    """FedCOG's part of local training: distillation from the global model on complementary data
+    synthesised against this client's previous local model; the trained model is then kept."""
 
-    def regulariser(model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # pylint: disable=unused-argument
-                    logits: torch.Tensor) -> torch.Tensor:
-        idx = torch.randint(0, len(x_syn), (len(y),), generator=rng).to(x_syn.device)
-        student = F.log_softmax(model(x_syn[idx]).float() / temp, dim=1)
-        teacher = F.log_softmax(targets[idx] / temp, dim=1)
-        kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temp * temp
-        return w_syn * (kl - F.cross_entropy(logits.float(), y))
+    def before_training(self, work: ClientWork) -> Regulariser | None:
+        """Synthesise this client's complementary data; the distillation term on it, or None
+        before ``start_round`` or when the client holds every class equally."""
+        setup, task, rng, metrics = work.setup, work.task, work.rng, work.metrics
+        settings = FedCOGSettings.from_mapping(task.settings)
+        if setup.server_round < settings.start_round:
+            return None
+        counts = torch.bincount(setup.labels, minlength=setup.spec.num_classes)
+        per_class = complementary_counts(counts, settings.num_samples)
+        if int(per_class.sum()) == 0:
+            return None
+        start = time.monotonic()
+        model: Classifier = setup.model
+        local = setup.global_spec.build(setup.spec)
+        previous = setup.context.state.array_records.get(LOCAL_MODEL_RECORD)
+        local.load_state_dict(previous.to_torch_state_dict() if previous is not None
+                              else model.state_dict())
+        x_syn, _, targets = synthesize_complementary(
+            model.to(setup.device), local.to(setup.device), per_class,
+            (setup.spec.channels, setup.spec.image_size, setup.spec.image_size), settings,
+            setup.device, rng)
+        metrics["fedcog-seconds"] = time.monotonic() - start
+        metrics["fedcog-samples"] = len(x_syn)
+        notional = float((counts.max() - counts).sum())
+        w_syn = notional / (notional + len(setup.labels))
+        metrics["fedcog-synthetic-weight"] = w_syn
+        temp = settings.temperature
 
-    return regulariser
+        def regulariser(model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # pylint: disable=unused-argument
+                        logits: torch.Tensor) -> torch.Tensor:
+            idx = torch.randint(0, len(x_syn), (len(y),), generator=rng).to(x_syn.device)
+            student = F.log_softmax(model(x_syn[idx]).float() / temp, dim=1)
+            teacher = F.log_softmax(targets[idx] / temp, dim=1)
+            kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temp * temp
+            return w_syn * (kl - F.cross_entropy(logits.float(), y))
 
+        return regulariser
+
+    def after_training(self, work: ClientWork) -> None:
+        """Keep the trained model in the node's state for the next round; it never leaves."""
+        if not work.task.keep_model:
+            return
+        work.context.state[LOCAL_MODEL_RECORD] = ArrayRecord(
+            {k: v.detach().cpu() for k, v in work.setup.model.state_dict().items()})

@@ -5,9 +5,10 @@ After FedAvg, the average (the student) is trained for ``steps`` Adam steps
 the client models (the mean of their logits) under KL at temperature T. The
 inputs come from ``feddf-inputs``:
 
-- ``generators``: every client also trains Mosaic's image generator on its data
-  each round and uploads it; a batch takes an equal share from each one. This
-  keeps FedDF data-free, like the other methods here.
+- ``generators``: every client also trains Mosaic's kind of image generator on
+  its data each round (``feddf-generator-*`` and the ``feddf-*-weight`` keys)
+  and uploads it; a batch takes an equal share from each one. This keeps FedDF
+  data-free, like the other methods here.
 - ``proxy``: an unlabelled split of the training data held out from every
   client (``proxy-fraction``), as in the paper's setting with a proxy data set
   (which had no labels in common with the clients' data; here it is the same
@@ -27,14 +28,12 @@ from torch import nn
 from ..config import RunConfig
 from ..data import BatchTransform, load_dataset, proxy_indices
 from ..data.datasets import DATASETS
+from ..kd.distill import DistillWeights, distill_into
+from ..kd.ensemble import average_logits
+from ..kd.generator import build_generator
 from ..models import Classifier
-from ..mosaic.distill import DistillWeights, distill_into
-from ..mosaic.generator import build_generator
-from ..mosaic.settings import MosaicSettings
 from ..records import TrainTask
-from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy, model_fn_for, server_options
-from .common import average_logits
+from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
 from .settings import FedDFSettings
 
 
@@ -51,10 +50,10 @@ class FedDFStrategy(TaskStrategy):
     model_fn : Callable[[], Classifier]
         Builds the global model.
     settings : FedDFSettings (default: FedDFSettings())
+        Distillation, and how clients train their generator (``settings.generator``,
+        sent to them in each ``task`` record).
     generator_fn : Callable[[], nn.Module], optional
         The clients' generator, for ``inputs='generators'``.
-    generator_settings : MosaicSettings, optional
-        How clients train that generator (sent to them); default MosaicSettings().
     proxy_inputs : torch.Tensor, optional
         Unlabelled classifier inputs (already normalised) for ``inputs='proxy'``.
     **kwargs
@@ -65,12 +64,10 @@ class FedDFStrategy(TaskStrategy):
 
     def __init__(self, model_fn: Callable[[], Classifier], settings: FedDFSettings | None = None,
                  *, generator_fn: Callable[[], nn.Module] | None = None,
-                 generator_settings: MosaicSettings | None = None,
                  proxy_inputs: torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(model_fn, generator_fn=generator_fn, **kwargs)
         self.settings = settings or FedDFSettings()
         self.settings.validate()
-        self.generator_settings = generator_settings or MosaicSettings()
         if self.settings.inputs == "generators" and generator_fn is None:
             raise ValueError("FedDF with inputs='generators' needs generator_fn")
         if self.settings.inputs == "proxy" and (proxy_inputs is None or len(proxy_inputs) == 0):
@@ -83,21 +80,20 @@ class FedDFStrategy(TaskStrategy):
         """The strategy for a run config (loads the proxy split for ``inputs='proxy'``)."""
         spec = DATASETS[config.dataset]
         settings = FedDFSettings.from_config(config)
-        mosaic = MosaicSettings.from_config(config)
         proxy = None
         if settings.inputs == "proxy":
             images = load_dataset(config.dataset, config.data_path).train_images
             proxy = BatchTransform(spec, torch.device("cpu"))(
                 torch.from_numpy(images[proxy_indices(config)]), train=False)
         return cls(model_fn_for(config), settings,
-                   generator_fn=lambda: build_generator(spec, mosaic), generator_settings=mosaic,
+                   generator_fn=lambda: build_generator(spec, settings.generator),
                    proxy_inputs=proxy, **server_options(config, score_fn), **kwargs)
 
     def task_for(self, server_round: int) -> TrainTask:
         """Local training, plus a generator when the inputs come from generators."""
         if self.settings.inputs != "generators":
             return TrainTask()
-        return TrainTask(upload_generator=True, settings=self.generator_settings.to_mapping())
+        return TrainTask(upload_generator=True, settings=self.settings.generator.to_mapping())
 
     def server_step(self, server_round: int, replies: list[Message], arrays: ArrayRecord
                     ) -> tuple[ArrayRecord, dict[str, float]]:

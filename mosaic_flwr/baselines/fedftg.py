@@ -28,13 +28,12 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..data.datasets import DATASETS
+from ..kd.ensemble import (classwise_probabilities, client_logits, labels_by_counts,
+                           pairwise_diversity_loss, soft_cross_entropy)
+from ..kd.generator import ImageGenerator
 from ..models import Classifier
-from ..mosaic.generator import ImageGenerator
 from ..records import TrainTask
-from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy, model_fn_for, server_options
-from .common import (classwise_probabilities, client_logits, labels_by_counts,
-                     pairwise_diversity_loss, soft_cross_entropy)
+from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
 from .settings import FedFTGSettings
 
 

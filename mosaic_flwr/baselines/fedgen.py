@@ -25,13 +25,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
+from ..kd.ensemble import head_logits, pairwise_diversity_loss
 from ..models import Classifier
 from ..records import GENERATOR_RECORD, TrainTask
-from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy, model_fn_for, server_options
+from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
+from ..client_part import ClientPart, ClientWork
 from ..training import Regulariser
-from ..mosaic.experts import head_logits
-from .common import pairwise_diversity_loss
 from .settings import FedGenSettings
 
 
@@ -168,33 +167,37 @@ class FedGenStrategy(TaskStrategy):
         return arrays, stats
 
 
-def fedgen_regulariser(setup, msg: Message, task: TrainTask, rng: torch.Generator,
-                       metrics: dict[str, float]) -> Regulariser | None:  # pylint: disable=unused-argument
-    """The client's FedGen terms, or None before the server has a generator (round 1)."""
-    if GENERATOR_RECORD not in msg.content.array_records:
-        return None
-    settings = FedGenSettings.from_mapping(task.settings)
-    model: Classifier = setup.model
-    generator = build_feature_generator(int(model.head.out_features),
-                                        int(model.head.in_features), settings)
-    generator.load_state_dict(msg.content[GENERATOR_RECORD].to_torch_state_dict())
-    generator.to(setup.device).eval().requires_grad_(False)
-    t = max(0, setup.server_round - 1)
-    alpha = max(1e-4, settings.alpha * settings.decay ** t)
-    beta = max(1e-4, settings.beta * settings.decay ** t)
-    held = torch.unique(setup.labels)
-    ratio = settings.sample_batch_size / setup.config.batch_size
-    metrics.update({"fedgen-alpha": alpha, "fedgen-beta": beta})
+class FedGenObjective(ClientPart):
+    """FedGen's part of local training: the generator's terms, from round 2 on."""
 
-    def regulariser(model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # pylint: disable=unused-argument
-                    logits: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = F.softmax(model.head(generator(y, rng)[0]), dim=1)
-        latent = F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="batchmean")
-        sampled = held[torch.randint(0, len(held), (settings.sample_batch_size,), generator=rng)]
-        with torch.no_grad():
-            features = generator(sampled, rng)[0]
-        teacher = F.cross_entropy(model.head(features).float(), sampled.to(features.device))
-        return alpha * ratio * teacher + beta * latent
+    def before_training(self, work: ClientWork) -> Regulariser | None:
+        """The client's FedGen terms, or None before the server has a generator (round 1)."""
+        setup, msg, task, rng, metrics = (work.setup, work.msg, work.task, work.rng,
+                                          work.metrics)
+        if GENERATOR_RECORD not in msg.content.array_records:
+            return None
+        settings = FedGenSettings.from_mapping(task.settings)
+        model: Classifier = setup.model
+        generator = build_feature_generator(int(model.head.out_features),
+                                            int(model.head.in_features), settings)
+        generator.load_state_dict(msg.content[GENERATOR_RECORD].to_torch_state_dict())
+        generator.to(setup.device).eval().requires_grad_(False)
+        t = max(0, setup.server_round - 1)
+        alpha = max(1e-4, settings.alpha * settings.decay ** t)
+        beta = max(1e-4, settings.beta * settings.decay ** t)
+        held = torch.unique(setup.labels)
+        ratio = settings.sample_batch_size / setup.config.batch_size
+        metrics.update({"fedgen-alpha": alpha, "fedgen-beta": beta})
 
-    return regulariser
+        def regulariser(model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # pylint: disable=unused-argument
+                        logits: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                target = F.softmax(model.head(generator(y, rng)[0]), dim=1)
+            latent = F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="batchmean")
+            sampled = held[torch.randint(0, len(held), (settings.sample_batch_size,), generator=rng)]
+            with torch.no_grad():
+                features = generator(sampled, rng)[0]
+            teacher = F.cross_entropy(model.head(features).float(), sampled.to(features.device))
+            return alpha * ratio * teacher + beta * latent
+
+        return regulariser

@@ -19,8 +19,7 @@ averaged slice-wise like the weights.
 from __future__ import annotations
 
 from ..config import RunConfig
-from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy, model_fn_for, server_options
+from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
 
 
 class HeteroFLStrategy(TaskStrategy):

@@ -8,8 +8,10 @@ a comment names each one's source and says where this project differs and why.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from ..errors import ConfigError
+from ..kd.settings import GeneratorSettings
 from ..method_settings import MethodSettings
 
 #: Where FedDF's unlabelled distillation inputs come from.
@@ -104,13 +106,15 @@ class FedDFSettings(MethodSettings):
     """FedDF (epfml federated-learning-public-code, FedDF-code): ensemble distillation."""
 
     PREFIX: ClassVar[str] = "feddf"
-    POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "temperature")
-    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = ("batch_size",)
+    POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "temperature", "generator_lr")
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (
+        "batch_size", "generator_steps", "generator_batch_size", "generator_latent_dim",
+        "generator_width")
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"inputs": FEDDF_INPUTS}
 
-    # generators: every client also trains Mosaic's generator (mosaic-generator-*
-    # keys) each round, so distillation stays data-free; proxy: the server holds
-    # an unlabelled split of the training data (proxy-fraction > 0).
+    # generators: every client also trains Mosaic's kind of generator (the
+    # generator fields below) each round, so distillation stays data-free; proxy:
+    # the server holds an unlabelled split of the training data (proxy-fraction > 0).
     inputs: str = "generators"
     # Adam with a cosine schedule, gradients clipped to norm 5. The reference
     # runs up to 10,000 steps with early stopping on labelled validation data,
@@ -119,6 +123,28 @@ class FedDFSettings(MethodSettings):
     lr: float = 1e-3
     batch_size: int = 64
     temperature: float = 1.0
+    # The clients' generators: GeneratorSettings' names and defaults (Mosaic's).
+    generator_steps: int = 200
+    generator_batch_size: int = 64
+    generator_lr: float = 2e-4
+    generator_latent_dim: int = 100
+    generator_width: int = 64
+    adversarial_weight: float = 1.0
+    entropy_weight: float = 1.0
+    diversity_weight: float = 1.0
+    inversion_weight: float = 1.0
+    inversion_max_samples: int = 1000  # clients with fewer samples add the BN inversion term
+
+    @property
+    def generator(self) -> GeneratorSettings:
+        """How clients train their generator (the ``generator_*`` and loss-weight fields)."""
+        return GeneratorSettings.from_mapping(self.to_mapping())
+
+    def check_run(self, config: Any) -> None:
+        """Proxy inputs need a held-out proxy split."""
+        if self.inputs == "proxy" and config.proxy_fraction == 0:
+            raise ConfigError(self.key("inputs"), self.inputs,
+                              "'proxy' needs proxy-fraction > 0 (the held-out unlabelled split)")
 
 
 @dataclass(frozen=True)
@@ -138,3 +164,10 @@ class FedCOGSettings(MethodSettings):
     ce_weight: float = 1.0  # the global model should predict the targeted classes
     disagreement_weight: float = 0.1  # ... where the previous local model disagrees
     temperature: float = 1.0  # distillation from the global model on the synthetic data
+
+    def check_run(self, config: Any) -> None:
+        """FedCOG must reach its start round within the run."""
+        if self.start_round > config.num_server_rounds:
+            raise ConfigError(self.key("start_round"), self.start_round,
+                              f"must be <= num-server-rounds ({config.num_server_rounds}); "
+                              "FedCOG would never synthesise data")

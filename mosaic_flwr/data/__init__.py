@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..config import RunConfig
 from .augment import BatchTransform
 from .datasets import DATASETS, DatasetSpec, DatasetUnavailableError, ImageData, load_dataset
 from .partition import PARTITIONERS, label_counts, partition_labels
+
+if TYPE_CHECKING:  # the run config imports the registries defined in this package
+    from ..config import RunConfig
 
 __all__ = [
     "BatchTransform", "DATASETS", "DatasetSpec", "DatasetUnavailableError", "ImageData",

@@ -3,13 +3,15 @@
 Where each part lives:
 
 - :mod:`.settings`: every hyper-parameter and the round schedule;
-- :mod:`.generator`: the client's image generator, its discriminator and losses;
 - :mod:`.prototypes`: per-class k-means feature centres;
 - :mod:`.client`: what a client computes when the strategy asks (stats, generator);
 - :mod:`.experts`: per-class experts as count-weighted averages, evaluated with vmap;
 - :mod:`.meta`: the attention meta model over expert logits, trained on prototypes;
-- :mod:`.distill`: the distillation losses and loop;
 - :mod:`.strategy`: :class:`~.strategy.MosaicStrategy`, the Flower strategy.
+
+The client's image generator and its losses, the distillation losses and loop,
+and the expert heads on features live in :mod:`mosaic_flwr.kd`, which the
+baselines share.
 
 Import the strategy from the package top (``from mosaic_flwr import
 MosaicStrategy``); this ``__init__`` stays light because the run config reads

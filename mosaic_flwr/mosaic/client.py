@@ -1,21 +1,25 @@
-"""What a client computes for Mosaic when the strategy asks: statistics and a generator.
+"""What a client computes for Mosaic's distillation round: label counts, prototypes, a probe.
 
-These functions work on tensors, so an existing ClientApp with its own data can
-call them directly; :func:`mosaic_flwr.client.handle_train` calls them for this
-project's ClientApp. Only aggregates leave the client: label counts, k-means
-centres of features, a linear probe head, and generator weights.
+The functions work on tensors, so an existing ClientApp with its own data can
+call them directly; :class:`MosaicStatistics` is Mosaic's part of this
+project's client pipeline (:mod:`mosaic_flwr.client_part`). Only aggregates
+leave the client: label counts, k-means centres of features and a linear probe
+head (the generator is :mod:`mosaic_flwr.kd.upload`'s part).
 """
 
 from __future__ import annotations
+
+import copy
+import time
 
 import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
+from ..client_part import ClientPart, ClientWork
 from ..data.augment import BatchTransform
-from ..data.datasets import DatasetSpec
-from ..records import LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES
-from .generator import GeneratorReport, build_generator, train_generator
+from ..records import (LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES,
+                       STATS_RECORD, label_counts_array)
 from .prototypes import prototype_centres
 from .settings import MosaicSettings
 
@@ -28,11 +32,6 @@ def extract_features(model: nn.Module, images: torch.Tensor, transform: BatchTra
     chunks = [model.features(transform(images[i:i + batch_size].to(device), train=False)).float().cpu()
               for i in range(0, len(images), batch_size)]
     return torch.cat(chunks) if chunks else torch.zeros(0, model.feature_dim)
-
-
-def label_counts_array(labels: torch.Tensor, num_classes: int) -> Array:
-    """Per-class sample counts as the int64 array clients upload (``label-counts``)."""
-    return Array(torch.bincount(labels, minlength=num_classes).numpy().astype("int64"))
 
 
 def client_statistics(global_model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -84,10 +83,39 @@ def probe_head(features: torch.Tensor, logits: torch.Tensor, head: nn.Linear, st
             PROBE_BIAS: Array(bias.detach().numpy().astype("float32"))}
 
 
-def client_generator(classifier: nn.Module, images: torch.Tensor, transform: BatchTransform,
-                     spec: DatasetSpec, settings: MosaicSettings, device: torch.device,
-                     rng: torch.Generator) -> tuple[ArrayRecord, GeneratorReport]:
-    """Train this client's generator against its (trained) classifier; its weights and report."""
-    generator = build_generator(spec, settings)
-    report = train_generator(generator, classifier, images, transform, settings, device, rng)
-    return ArrayRecord(generator.to("cpu").state_dict()), report
+@torch.no_grad()
+def local_logits(model: nn.Module, images: torch.Tensor, transform: BatchTransform,
+                 device: torch.device) -> torch.Tensor:
+    """A (trained) model's logits on the client's own data, on the CPU."""
+    features = extract_features(model, images, transform, device)
+    return model.head(features.to(device)).float().cpu()
+
+
+class MosaicStatistics(ClientPart):
+    """Mosaic's part of the distillation round: label counts and prototypes under the
+    received global model's features before training, then a probe head that reads
+    those features the way the trained model predicts."""
+
+    def __init__(self) -> None:
+        self.features = torch.zeros(0)
+        self.global_head: nn.Linear | None = None
+
+    def before_training(self, work: ClientWork) -> None:
+        start = time.monotonic()
+        setup = work.setup
+        settings = MosaicSettings.from_mapping(work.task.settings)
+        global_model = setup.global_model(work.msg)
+        self.global_head = copy.deepcopy(global_model.head)
+        self.features = extract_features(global_model, setup.images, setup.transform,
+                                         setup.device)
+        work.extra[STATS_RECORD] = prototype_statistics(
+            self.features, setup.labels, setup.spec.num_classes, settings, work.rng)
+        work.metrics["stats-seconds"] = time.monotonic() - start
+
+    def after_training(self, work: ClientWork) -> None:
+        assert self.global_head is not None
+        setup = work.setup
+        logits = local_logits(setup.model, setup.images, setup.transform, setup.device)
+        work.extra[STATS_RECORD] = ArrayRecord({
+            **dict(work.extra[STATS_RECORD].items()),
+            **probe_head(self.features, logits, self.global_head)})

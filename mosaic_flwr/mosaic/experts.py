@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from ..baselines.common import client_logits
+from ..kd.ensemble import client_logits
 
 
 def expert_weights(counts: torch.Tensor, weighting: str = "counts") -> torch.Tensor:
@@ -100,17 +100,6 @@ def mixed_expert_logits(models: list[nn.Module], weights: torch.Tensor, x: torch
                         ) -> torch.Tensor:
     """:func:`mixture_log_probs` of K models (eval mode) on ``x``: (batch, E, classes)."""
     return mixture_log_probs(client_logits(models, x), weights)
-
-
-def head_logits(experts: Mapping[str, torch.Tensor], features: torch.Tensor,
-                head: str = "head") -> torch.Tensor:
-    """Each expert's classifier head applied to feature vectors: (batch, C_experts, classes).
-
-    This is how the meta model sees prototypes: a prototype is a feature vector,
-    so only the experts' last linear layer runs on it.
-    """
-    weight, bias = experts[f"{head}.weight"], experts[f"{head}.bias"]  # (E, C, D), (E, C)
-    return torch.einsum("bd,ecd->bec", features.to(weight.dtype), weight) + bias.unsqueeze(0)
 
 
 def ensemble_logits(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

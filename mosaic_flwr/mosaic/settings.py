@@ -1,7 +1,7 @@
 """Mosaic's hyper-parameters and round schedule, with the reference code's values.
 
-Each field ``x_y`` is the run-config key ``mosaic-x-y`` (``RunConfig`` takes its
-defaults from here). Defaults follow the reference code where they are sound;
+Each field ``x_y`` is the run-config key ``mosaic-x-y``; the run config holds
+these settings as its section ``config.mosaic``. Defaults follow the reference code where they are sound;
 where this project differs (shorter generator training and distillation, a
 larger distillation learning rate) the comment says why.
 """
@@ -9,9 +9,10 @@ larger distillation learning rate) the comment says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
+from ..kd.settings import GeneratorSettings
 from ..method_settings import MethodSettings
 
 #: Ways to mix client models into per-class experts.
@@ -35,7 +36,8 @@ class MosaicSettings(MethodSettings):  # pylint: disable=too-many-instance-attri
     # Prototypes: k-means centres per class of the global model's features.
     prototypes_per_class: int = 10
     prototype_min_cluster: int = 2  # a centre averages at least this many samples
-    # Client generators (reference: DCGAN, z = 100, ngf = 64, Adam 2e-4, betas 0.5/0.999).
+    # Client generators (reference: DCGAN, z = 100, ngf = 64, Adam 2e-4, betas 0.5/0.999);
+    # the same names and defaults as GeneratorSettings, see `generator`.
     generator_steps: int = 200
     generator_batch_size: int = 64
     generator_lr: float = 2e-4
@@ -67,6 +69,11 @@ class MosaicSettings(MethodSettings):  # pylint: disable=too-many-instance-attri
     ce_weight: float = 0.2
     jsd_weight: float = 1.0
 
+    @property
+    def generator(self) -> GeneratorSettings:
+        """How clients train their generator (the ``generator_*`` and loss-weight fields)."""
+        return GeneratorSettings.from_mapping(self.to_mapping())
+
     # ------------------------------------------------------------------ schedule
     @property
     def distill_round(self) -> int:
@@ -91,6 +98,12 @@ class MosaicSettings(MethodSettings):  # pylint: disable=too-many-instance-attri
                 f"{finetune} fine-tuning rounds but num-server-rounds={num_rounds}; every Mosaic "
                 f"round counts within num-server-rounds, so set mosaic-warmup-rounds <= "
                 f"{num_rounds - 1} and mosaic-finetune-rounds to the rest (or -1)")
+
+    def check_run(self, config: Any) -> None:
+        """The schedule must fit the run's ``num-server-rounds``."""
+        problem = self.schedule_problem(config.num_server_rounds)
+        if problem:
+            raise ConfigError(self.key("warmup_rounds"), self.warmup_rounds, problem)
 
     def validate(self) -> None:
         """Raise ``ConfigError`` (naming the ``mosaic-*`` key) for the first bad value

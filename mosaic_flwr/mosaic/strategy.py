@@ -25,6 +25,7 @@ import time
 from logging import INFO
 from typing import Callable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -34,15 +35,15 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data.datasets import DATASETS
+from ..kd.distill import DistillWeights, distill_into
+from ..kd.ensemble import head_logits
+from ..kd.generator import build_generator
 from ..models import Classifier
-from ..records import (PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES, STATS_RECORD,
-                       TrainTask)
-from ..strategies import ScoreFn
-from ..task_strategy import TaskStrategy, model_fn_for, server_options
-from .distill import DistillWeights, distill_into
-from .experts import (class_experts, ensemble_logits, expert_logits, expert_weights, head_logits,
+from ..records import (LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES,
+                       STATS_RECORD, TrainTask)
+from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
+from .experts import (class_experts, ensemble_logits, expert_logits, expert_weights,
                       mixed_expert_logits, mixture_log_probs)
-from .generator import build_generator
 from .meta import MetaModel, train_meta_model
 from .settings import DISTILL, FINETUNE, MosaicSettings
 
@@ -65,7 +66,7 @@ class MosaicStrategy(TaskStrategy):
     generator_fn : Callable[[], nn.Module]
         Builds the clients' generator (to load the uploaded weights); it must
         have ``sample(n, generator)`` returning classifier inputs. See
-        :func:`mosaic_flwr.mosaic.generator.build_generator`.
+        :func:`mosaic_flwr.kd.generator.build_generator`.
     settings : MosaicSettings (default: MosaicSettings())
         Schedule and hyper-parameters; sent to clients in each ``task`` record.
     device : str or torch.device (default: "cpu")
@@ -101,7 +102,7 @@ class MosaicStrategy(TaskStrategy):
         """The strategy for a run config: its data set, model, generator and settings."""
         spec = DATASETS[config.dataset]
         settings = MosaicSettings.from_config(config)
-        return cls(model_fn_for(config), lambda: build_generator(spec, settings), settings,
+        return cls(model_fn_for(config), lambda: build_generator(spec, settings.generator), settings,
                    **server_options(config, score_fn), **kwargs)
 
     # ------------------------------------------------------------------ Flower API
@@ -149,6 +150,37 @@ class MosaicStrategy(TaskStrategy):
         if self.settings.phase(server_round) != DISTILL:
             return arrays, {}
         return self.distill_round(replies, arrays)
+
+    def stats_problem(self, stats: ArrayRecord, task: TrainTask, model: str) -> str:
+        """The distillation round's uploads: label counts, prototypes with their labels, and
+        a probe head (required from a client that trained another model than the global one)."""
+        if not task.upload_stats:
+            return super().stats_problem(stats, task, model)
+        keys = {LABEL_COUNTS, PROTOTYPES, PROTOTYPE_LABELS}
+        if model != self.global_name or PROBE_WEIGHT in stats.keys():
+            keys |= {PROBE_WEIGHT, PROBE_BIAS}
+        if set(stats.keys()) != keys:
+            return f"stats must hold {', '.join(sorted(keys))}; got {sorted(stats.keys())}"
+        problem = self.counts_problem(stats)
+        if problem:
+            return problem
+        if PROBE_WEIGHT in keys:
+            probe_w, probe_b = stats[PROBE_WEIGHT].numpy(), stats[PROBE_BIAS].numpy()
+            if probe_w.shape != (self.num_classes, self.feature_dim) \
+                    or probe_b.shape != (self.num_classes,) \
+                    or not (np.isfinite(probe_w).all() and np.isfinite(probe_b).all()):
+                return (f"{PROBE_WEIGHT} and {PROBE_BIAS} must be finite, shaped "
+                        f"({self.num_classes}, {self.feature_dim}) and ({self.num_classes},)")
+        protos = stats[PROTOTYPES].numpy()
+        proto_labels = stats[PROTOTYPE_LABELS].numpy()
+        if protos.ndim != 2 or protos.shape[1] != self.feature_dim or protos.dtype.kind != "f":
+            return f"{PROTOTYPES} must be float (P, {self.feature_dim}), got {protos.shape}"
+        if not np.isfinite(protos).all():
+            return f"{PROTOTYPES} hold NaN or infinite values"
+        if proto_labels.shape != (len(protos),) or (proto_labels < 0).any() \
+                or (proto_labels >= self.num_classes).any():
+            return f"{PROTOTYPE_LABELS} must hold one class in 0..{self.num_classes - 1} per prototype"
+        return ""
 
     # ------------------------------------------------------------ the Mosaic step
     def distill_round(self, replies: list[Message], global_arrays: ArrayRecord

@@ -1,8 +1,8 @@
-"""Pieces several baselines share: client ensembles, label sampling, two losses."""
+"""Pieces several methods share: client ensembles, expert heads, label sampling, two losses."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,18 @@ def classwise_probabilities(logits: torch.Tensor, weights: torch.Tensor) -> torc
     """
     probs = torch.einsum("kbc,kc->bc", F.softmax(logits, dim=2), weights.to(logits.dtype))
     return probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def head_logits(experts: Mapping[str, torch.Tensor], features: torch.Tensor,
+                head: str = "head") -> torch.Tensor:
+    """Each expert's classifier head applied to feature vectors: (batch, C_experts, classes).
+
+    This is how Mosaic's meta model sees prototypes: a prototype is a feature
+    vector, so only the experts' last linear layer runs on it. FedGen reads its
+    generated features through the clients' heads the same way.
+    """
+    weight, bias = experts[f"{head}.weight"], experts[f"{head}.bias"]  # (E, C, D), (E, C)
+    return torch.einsum("bd,ecd->bec", features.to(weight.dtype), weight) + bias.unsqueeze(0)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:

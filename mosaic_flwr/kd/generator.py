@@ -1,7 +1,9 @@
-"""The client's image generator, its discriminator, and the four generator losses.
+"""The image generator, its discriminator, and the four generator losses.
 
-A client trains one unconditional generator on its own data, once, when the
-strategy asks for it (Mosaic stage 2). The generator's last layer is a Tanh, but
+A client trains one unconditional generator on its own data when the strategy
+asks for it (Mosaic stage 2, once; FedDF, every round), as
+:class:`~mosaic_flwr.kd.settings.GeneratorSettings` say. FedFTG's and DENSE's
+servers train label-conditioned ones. The generator's last layer is a Tanh, but
 its output is mapped to [0, 1] and then normalised with the data set's mean and
 std, so its samples live where the classifier's inputs live (the reference code
 fed raw [-1, 1] Tanh values to classifiers trained on normalised images).
@@ -31,7 +33,7 @@ from torch.nn import functional as F
 
 from ..data.augment import BatchTransform
 from ..data.datasets import DatasetSpec
-from .settings import MosaicSettings
+from .settings import GeneratorSettings
 
 
 class ImageGenerator(nn.Module):
@@ -85,7 +87,7 @@ class ImageGenerator(nn.Module):
         return self(z, None if labels is None else labels.to(device))
 
 
-def build_generator(spec: DatasetSpec, settings: MosaicSettings) -> ImageGenerator:
+def build_generator(spec: DatasetSpec, settings: GeneratorSettings) -> ImageGenerator:
     """The generator every client of a run trains (same shape, so the server can load any)."""
     return ImageGenerator(spec, settings.generator_latent_dim, settings.generator_width)
 
@@ -187,15 +189,18 @@ def generator_objective(generator: ImageGenerator, classifier: nn.Module,
 
 @dataclass(frozen=True)
 class GeneratorReport:
-    """Generator loss terms averaged over the first and the last tenth of training."""
+    """Generator loss terms averaged over the first and the last tenth of training.
+
+    ``inversion`` is 0 throughout when that term is off (a client with
+    ``inversion_max_samples`` samples or more, or a classifier without BatchNorm).
+    """
 
     first: dict[str, float]
     last: dict[str, float]
-    used_inversion: bool
 
 
 def train_generator(generator: ImageGenerator, classifier: nn.Module, images: torch.Tensor,
-                    transform: BatchTransform, settings: MosaicSettings,
+                    transform: BatchTransform, settings: GeneratorSettings,
                     device: torch.device, rng: torch.Generator) -> GeneratorReport:
     """Train ``generator`` on local ``images`` (in [0, 1]) against a frozen ``classifier``."""
     frozen = copy.deepcopy(classifier).to(device).eval()
@@ -236,7 +241,7 @@ def train_generator(generator: ImageGenerator, classifier: nn.Module, images: to
         bn_stats.remove()
     generator.eval()
     tenth = max(1, len(history) // 10)
-    return GeneratorReport(_mean(history[:tenth]), _mean(history[-tenth:]), use_inversion)
+    return GeneratorReport(_mean(history[:tenth]), _mean(history[-tenth:]))
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:

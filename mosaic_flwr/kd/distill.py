@@ -1,4 +1,4 @@
-"""Distillation of a teacher into a student on synthetic inputs (Mosaic stage 4).
+"""Distillation of a teacher into a student on synthetic inputs (Mosaic stage 4, FedDF).
 
 The loss mixes KL(teacher || student) at temperature T (scaled by T^2, as usual),
 cross-entropy against the teacher's argmax, and the Jensen-Shannon divergence

@@ -1,0 +1,58 @@
+"""A method's part of a client's training round: what it does before and after local training.
+
+:func:`mosaic_flwr.client.handle_train` runs one pipeline for every method:
+build the :class:`~mosaic_flwr.client.LocalSetup` (config, node, data, device,
+model), call each part's :meth:`ClientPart.before_training` in order, train
+(with the regulariser a part returned, if any), call each part's
+:meth:`ClientPart.after_training` in the same order, and reply with the model,
+the records the parts added to :attr:`ClientWork.extra` and the metrics. Each
+method keeps its part in its own module (Mosaic's statistics in
+:mod:`mosaic_flwr.mosaic.client`, FedGen's and FedCOG's objectives in theirs,
+the generator upload in :mod:`mosaic_flwr.kd.upload`); the task record says
+which parts a round needs (:func:`mosaic_flwr.client.client_parts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from flwr.app import ArrayRecord, Context, Message
+
+from .records import TrainTask
+from .training import Regulariser
+
+if TYPE_CHECKING:
+    from .client import LocalSetup
+
+
+@dataclass
+class ClientWork:  # pylint: disable=too-many-instance-attributes
+    """One training message on one client: what the parts read and what they add.
+
+    ``rng`` is the round's random stream: parts draw from it in pipeline order,
+    so a run is reproducible for a seed.
+    """
+
+    msg: Message
+    context: Context
+    task: TrainTask
+    setup: LocalSetup
+    rng: torch.Generator
+    #: Records to send back besides the model (``stats``, ``generator``).
+    extra: dict[str, ArrayRecord] = field(default_factory=dict)
+    #: Metrics to send back (``*-seconds`` timings among them).
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ClientPart:
+    """A method's client-side work around local training (both steps do nothing by default)."""
+
+    def before_training(self, work: ClientWork) -> Regulariser | None:  # pylint: disable=unused-argument
+        """Work before training, on the received model; may return a training regulariser."""
+        return None
+
+    def after_training(self, work: ClientWork) -> None:  # pylint: disable=unused-argument
+        """Work after training, on the trained model."""
+        return None

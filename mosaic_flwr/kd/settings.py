@@ -1,0 +1,43 @@
+"""How a client trains its image generator: the settings Mosaic and FedDF share.
+
+Torch-free on purpose: :class:`~mosaic_flwr.mosaic.settings.MosaicSettings` and
+:class:`~mosaic_flwr.baselines.settings.FedDFSettings` build these from their
+own fields, and the run config imports them without loading torch. The field
+names are those of the methods' fields, so the ``task`` record a strategy
+sends (its settings as ``{field: value}``) reads back with
+:meth:`GeneratorSettings.from_mapping`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:  # pylint: disable=too-many-instance-attributes
+    """A client generator's shape and training (reference: DCGAN, z = 100, ngf = 64,
+    Adam 2e-4, betas 0.5/0.999); see :func:`mosaic_flwr.kd.generator.train_generator`."""
+
+    generator_steps: int = 200
+    generator_batch_size: int = 64
+    generator_lr: float = 2e-4
+    generator_latent_dim: int = 100
+    generator_width: int = 64
+    adversarial_weight: float = 1.0
+    entropy_weight: float = 1.0
+    diversity_weight: float = 1.0
+    inversion_weight: float = 1.0
+    inversion_max_samples: int = 1000  # clients with fewer samples add the BN inversion term
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "GeneratorSettings":
+        """Settings from ``{field: value}`` (a method's settings, as they travel to
+        clients); unknown names are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_mapping(self) -> dict[str, Any]:
+        """``{field: value}``, plain values only (fits a Flower ConfigRecord)."""
+        return dataclasses.asdict(self)
