@@ -102,8 +102,11 @@ class DenseSettings(MethodSettings):
 
 
 @dataclass(frozen=True)
-class FedDFSettings(MethodSettings):
-    """FedDF (epfml federated-learning-public-code, FedDF-code): ensemble distillation."""
+class FedDFSettings(GeneratorSettings, MethodSettings):
+    """FedDF (epfml federated-learning-public-code, FedDF-code): ensemble distillation.
+
+    The clients' generators take the fields of :class:`GeneratorSettings`
+    (keys ``feddf-generator-steps``, ..., with Mosaic's defaults)."""
 
     PREFIX: ClassVar[str] = "feddf"
     POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "temperature", "generator_lr")
@@ -113,7 +116,7 @@ class FedDFSettings(MethodSettings):
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"inputs": FEDDF_INPUTS}
 
     # generators: every client also trains Mosaic's kind of generator (the
-    # generator fields below) each round, so distillation stays data-free; proxy:
+    # inherited generator fields) each round, so distillation stays data-free; proxy:
     # the server holds an unlabelled split of the training data (proxy-fraction > 0).
     inputs: str = "generators"
     # Adam with a cosine schedule, gradients clipped to norm 5. The reference
@@ -123,22 +126,6 @@ class FedDFSettings(MethodSettings):
     lr: float = 1e-3
     batch_size: int = 64
     temperature: float = 1.0
-    # The clients' generators: GeneratorSettings' names and defaults (Mosaic's).
-    generator_steps: int = 200
-    generator_batch_size: int = 64
-    generator_lr: float = 2e-4
-    generator_latent_dim: int = 100
-    generator_width: int = 64
-    adversarial_weight: float = 1.0
-    entropy_weight: float = 1.0
-    diversity_weight: float = 1.0
-    inversion_weight: float = 1.0
-    inversion_max_samples: int = 1000  # clients with fewer samples add the BN inversion term
-
-    @property
-    def generator(self) -> GeneratorSettings:
-        """How clients train their generator (the ``generator_*`` and loss-weight fields)."""
-        return GeneratorSettings.from_mapping(self.to_mapping())
 
     def check_run(self, config: Any) -> None:
         """Proxy inputs need a held-out proxy split."""

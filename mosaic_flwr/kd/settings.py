@@ -1,10 +1,10 @@
 """How a client trains its image generator: the settings Mosaic and FedDF share.
 
 Torch-free on purpose: :class:`~mosaic_flwr.mosaic.settings.MosaicSettings` and
-:class:`~mosaic_flwr.baselines.settings.FedDFSettings` build these from their
-own fields, and the run config imports them without loading torch. The field
-names are those of the methods' fields, so the ``task`` record a strategy
-sends (its settings as ``{field: value}``) reads back with
+:class:`~mosaic_flwr.baselines.settings.FedDFSettings` extend this class (so
+their keys are ``mosaic-generator-steps`` and ``feddf-generator-steps``), and
+the run config imports them without loading torch. The ``task`` record a
+strategy sends (its settings as ``{field: value}``) reads back with
 :meth:`GeneratorSettings.from_mapping`.
 """
 
@@ -41,3 +41,9 @@ class GeneratorSettings:  # pylint: disable=too-many-instance-attributes
     def to_mapping(self) -> dict[str, Any]:
         """``{field: value}``, plain values only (fits a Flower ConfigRecord)."""
         return dataclasses.asdict(self)
+
+    @property
+    def generator(self) -> GeneratorSettings:
+        """These settings alone, from a method's settings that extend them (Mosaic's, FedDF's)."""
+        return GeneratorSettings(**{f.name: getattr(self, f.name)
+                                    for f in fields(GeneratorSettings)})

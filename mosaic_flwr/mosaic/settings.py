@@ -23,8 +23,12 @@ WARMUP, DISTILL, FINETUNE = "warmup", "distill", "finetune"
 
 
 @dataclass(frozen=True)
-class MosaicSettings(MethodSettings):  # pylint: disable=too-many-instance-attributes
-    """Everything Mosaic needs beyond a FedAvg run; see the README's key table."""
+class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-many-instance-attributes
+    """Everything Mosaic needs beyond a FedAvg run; see the README's key table.
+
+    The client generators take the fields of :class:`GeneratorSettings` (keys
+    ``mosaic-generator-steps``, ...; reference: DCGAN, z = 100, ngf = 64, Adam
+    2e-4, betas 0.5/0.999)."""
 
     PREFIX: ClassVar[str] = "mosaic"
 
@@ -36,18 +40,6 @@ class MosaicSettings(MethodSettings):  # pylint: disable=too-many-instance-attri
     # Prototypes: k-means centres per class of the global model's features.
     prototypes_per_class: int = 10
     prototype_min_cluster: int = 2  # a centre averages at least this many samples
-    # Client generators (reference: DCGAN, z = 100, ngf = 64, Adam 2e-4, betas 0.5/0.999);
-    # the same names and defaults as GeneratorSettings, see `generator`.
-    generator_steps: int = 200
-    generator_batch_size: int = 64
-    generator_lr: float = 2e-4
-    generator_latent_dim: int = 100
-    generator_width: int = 64
-    adversarial_weight: float = 1.0
-    entropy_weight: float = 1.0
-    diversity_weight: float = 1.0
-    inversion_weight: float = 1.0
-    inversion_max_samples: int = 1000  # clients with fewer samples add the BN inversion term
     # Meta model (reference: Adam 1e-3, EMA 0.99, batches of 128, d_model C*C, 10 heads).
     meta_model: bool = True
     meta_epochs: int = 100
@@ -68,11 +60,6 @@ class MosaicSettings(MethodSettings):  # pylint: disable=too-many-instance-attri
     kl_weight: float = 0.8
     ce_weight: float = 0.2
     jsd_weight: float = 1.0
-
-    @property
-    def generator(self) -> GeneratorSettings:
-        """How clients train their generator (the ``generator_*`` and loss-weight fields)."""
-        return GeneratorSettings.from_mapping(self.to_mapping())
 
     # ------------------------------------------------------------------ schedule
     @property
