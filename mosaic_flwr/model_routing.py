@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from .aggregation import array_signature, average_arrays
 from .models import Classifier, ModelSpec
-from .records import CLIENT_RECORD, GLOBAL_MODEL_RECORD
+from .records import CLIENT_RECORD, GLOBAL_MODEL_RECORD, ClientUpload
 from .submodels import aggregate_submodels, submodel_indices
 
 
@@ -171,17 +171,17 @@ class ModelRouting:
             self._signatures[model] = array_signature(ArrayRecord(self.template(model).state_dict()))
         return self._signatures[model]
 
-    def mixed(self, replies: list[Message]) -> bool:
-        """True when some reply trained another model than the global one."""
-        return any(self.reply_model(m) != self.global_name for m in replies)
+    def mixed(self, uploads: list[ClientUpload]) -> bool:
+        """True when some upload trained another model than the global one."""
+        return any(u.model != self.global_name for u in uploads)
 
-    def client_models(self, replies: list[Message]) -> list[Classifier]:
-        """The replies' trained models (each its own architecture), frozen, in eval mode,
+    def client_models(self, uploads: list[ClientUpload]) -> list[Classifier]:
+        """The uploads' trained models (each its own architecture), frozen, in eval mode,
         on the server's device."""
         models = []
-        for msg in replies:
-            model = self.build_model(self.reply_model(msg))
-            model.load_state_dict(msg.content[self.arrayrecord_key].to_torch_state_dict())
+        for upload in uploads:
+            model = self.build_model(upload.model)
+            model.load_state_dict(upload.arrays.to_torch_state_dict())
             models.append(model.to(self.device).eval().requires_grad_(False))
         return models
 

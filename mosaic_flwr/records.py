@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import Array, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 CLIENT_RECORD = "client"
 TASK_RECORD = "task"
@@ -135,3 +135,39 @@ class TrainTask:
 def label_counts_array(labels: torch.Tensor, num_classes: int) -> Array:
     """Per-class sample counts as the int64 array clients upload (``label-counts``)."""
     return Array(torch.bincount(labels, minlength=num_classes).numpy().astype("int64"))
+
+
+@dataclass(frozen=True)
+class ClientUpload:  # pylint: disable=too-many-instance-attributes
+    """One usable training reply, decoded: what a strategy's server step reads.
+
+    Attributes
+    ----------
+    node_id, partition_id : int
+        Who sent it.
+    model : str
+        The architecture it trained (``name@width``).
+    arrays : ArrayRecord
+        The trained weights.
+    weight : float
+        Its aggregation weight (``num-examples``).
+    stats : ArrayRecord or None
+        The ``stats`` record, when the task asked for one (label counts, and
+        Mosaic's prototypes and probe head).
+    generator : ArrayRecord or None
+        The ``generator`` record, when the task asked for one.
+    """
+
+    node_id: int
+    partition_id: int
+    model: str
+    arrays: ArrayRecord
+    weight: float
+    stats: ArrayRecord | None = None
+    generator: ArrayRecord | None = None
+
+    @property
+    def label_counts(self) -> torch.Tensor:
+        """Per-class sample counts (C,) from the ``stats`` record."""
+        assert self.stats is not None, "the task asked for no label counts"
+        return torch.from_numpy(self.stats[LABEL_COUNTS].numpy())

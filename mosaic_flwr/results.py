@@ -25,11 +25,15 @@ from .config import RunConfig
 DEFAULT_OUTPUT_DIR = Path.home() / "mosaic-flwr-outputs"
 
 
+def default_run_name(config: RunConfig, stamp: str) -> str:
+    """The run folder's name when ``run-name`` is empty: ``<stamp>-<strategy>-<dataset>-...``."""
+    return f"{stamp}-{config.strategy}-{config.dataset}-{config.partitioner}-seed{config.seed}"
+
+
 def make_run_dir(config: RunConfig) -> Path:
     """A fresh folder for this run's results (never overwrites an earlier run)."""
     base = Path(config.output_dir) if config.output_dir else DEFAULT_OUTPUT_DIR
-    name = config.run_name or (f"{datetime.now():%Y%m%d-%H%M%S}-{config.strategy}-"
-                               f"{config.dataset}-{config.partitioner}-seed{config.seed}")
+    name = config.run_name or default_run_name(config, f"{datetime.now():%Y%m%d-%H%M%S}")
     run_dir, suffix = base / name, 1
     while run_dir.exists() and any(run_dir.iterdir()):
         suffix += 1

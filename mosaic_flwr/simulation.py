@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, resolve_run_config
+from .results import default_run_name
 from .strategies import check_strategy
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -63,15 +64,16 @@ def _bin(name: str) -> str:
 class LocalSuperLink:
     """A simulation SuperLink on 127.0.0.1 owned by this process (a context manager)."""
 
-    def __init__(self, extra_env: dict[str, str] | None = None, startup_timeout: float = 60) -> None:
+    #: Seconds the SuperLink may take to answer its health check.
+    STARTUP_TIMEOUT = 60.0
+
+    def __init__(self) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="mosaic-flwr-home-"))
         self.port = free_port()
         # Flower starts helper executables (flower-superexec, ...) by name: put this
         # interpreter's environment first on PATH, even when it is not activated.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), "PATH": path,
-                    **(extra_env or {})}
-        self.startup_timeout = startup_timeout
+        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), "PATH": path}
         self.process: subprocess.Popen | None = None
         self.log_path = self.home / "superlink.log"
 
@@ -94,7 +96,7 @@ class LocalSuperLink:
             self.process = subprocess.Popen(  # pylint: disable=consider-using-with
                 command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True)
-        deadline = time.monotonic() + self.startup_timeout
+        deadline = time.monotonic() + self.STARTUP_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited with code {self.process.returncode}; "
@@ -103,7 +105,7 @@ class LocalSuperLink:
                 return
             time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"flower-superlink did not answer within {self.startup_timeout}s")
+        raise RuntimeError(f"flower-superlink did not answer within {self.STARTUP_TIMEOUT}s")
 
     def _answers(self) -> bool:
         import httpx  # pylint: disable=import-outside-toplevel
@@ -198,8 +200,7 @@ def plan_run(overrides: dict[str, Any], output_dir: Path,
         return Path(overrides["output-dir"]) / overrides["run-name"], num_clients, overrides
     config = resolve_overrides(overrides)
     if not config.run_name:
-        overrides["run-name"] = (f"{stamp}-{config.strategy}-{config.dataset}-"
-                                 f"{config.partitioner}-seed{config.seed}")
+        overrides["run-name"] = default_run_name(config, stamp)
     return Path(config.output_dir) / overrides["run-name"], config.num_clients, overrides
 
 

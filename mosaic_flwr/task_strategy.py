@@ -32,13 +32,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from .aggregation import TolerantAggregation, array_signature, arrays_problem, train_reply_problem
+from .aggregation import (TolerantAggregation, array_signature, arrays_problem, reply_partition_id,
+                          train_reply_problem)
 from .client_models import global_model_spec
 from .config import RunConfig
 from .data.datasets import DATASETS
 from .model_routing import ModelRouting
 from .models import Classifier, ModelSpec
-from .records import GENERATOR_RECORD, LABEL_COUNTS, STATS_RECORD, TASK_RECORD, TrainTask
+from .records import (GENERATOR_RECORD, LABEL_COUNTS, STATS_RECORD, TASK_RECORD, ClientUpload,
+                      TrainTask)
 from .training import select_device
 
 
@@ -113,9 +115,10 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
         """Extra ArrayRecords sent with this round's instructions."""
         return {}
 
-    def server_step(self, server_round: int, replies: list[Message],  # pylint: disable=unused-argument
+    def server_step(self, server_round: int, uploads: list[ClientUpload],  # pylint: disable=unused-argument
                     arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
-        """Turn the average of the usable replies into the new global model; stats to record."""
+        """Turn the average of the usable replies (``arrays``) into the new global model,
+        reading the decoded replies (``uploads``, in partition order); stats to record."""
         return arrays, {}
 
     # ------------------------------------------------------------ Flower API
@@ -189,22 +192,32 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
         arrays, metrics = self.average(usable)
         stats = self.round_stats[server_round]
         stats["phase"] = self.task_for(server_round).phase
-        arrays, step_stats = self.server_step(server_round, usable, arrays)
+        arrays, step_stats = self.server_step(server_round, [self.decode(m) for m in usable], arrays)
         stats.update(step_stats)
         return arrays, metrics
 
     # ------------------------------------------------------------ helpers for methods
-    def label_counts(self, replies: list[Message]) -> torch.Tensor:
-        """(K, C) label counts of the replies (their tasks asked for counts)."""
-        return torch.stack([torch.from_numpy(m.content[STATS_RECORD][LABEL_COUNTS].numpy())
-                            for m in replies])
+    def decode(self, msg: Message) -> ClientUpload:
+        """A usable reply as the typed upload a server step reads."""
+        records = msg.content.array_records
+        return ClientUpload(
+            node_id=msg.metadata.src_node_id, partition_id=reply_partition_id(msg),
+            model=self.reply_model(msg), arrays=records[self.arrayrecord_key],
+            weight=self.reply_weights([msg])[0], stats=records.get(STATS_RECORD),
+            generator=records.get(GENERATOR_RECORD))
 
-    def client_generators(self, replies: list[Message]) -> list[nn.Module]:
-        """The replies' uploaded generators, in eval mode, on the server's device."""
+    @staticmethod
+    def label_counts(uploads: list[ClientUpload]) -> torch.Tensor:
+        """(K, C) label counts of the uploads (their tasks asked for counts)."""
+        return torch.stack([u.label_counts for u in uploads])
+
+    def client_generators(self, uploads: list[ClientUpload]) -> list[nn.Module]:
+        """The uploaded generators, in eval mode, on the server's device."""
         assert self.generator_fn is not None
         generators = []
-        for msg in replies:
+        for upload in uploads:
+            assert upload.generator is not None, "the task asked for no generator"
             generator = self.generator_fn()
-            generator.load_state_dict(msg.content[GENERATOR_RECORD].to_torch_state_dict())
+            generator.load_state_dict(upload.generator.to_torch_state_dict())
             generators.append(generator.to(self.device).eval())
         return generators

@@ -24,7 +24,7 @@ from logging import INFO
 from typing import Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
@@ -37,7 +37,7 @@ from ..kd.distill import DistillWeights, distillation_loss
 from ..kd.ensemble import client_logits
 from ..kd.generator import BatchNormStatistics, ImageGenerator
 from ..models import Classifier
-from ..records import TrainTask
+from ..records import ClientUpload, TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
 from .settings import DenseSettings
 
@@ -183,12 +183,12 @@ class DenseStrategy(TaskStrategy):
         """The one round: local training for ``local_epochs`` epochs."""
         return TrainTask(phase="one-shot", local_epochs=self.local_epochs)
 
-    def server_step(self, server_round: int, replies: list[Message], arrays: ArrayRecord
+    def server_step(self, server_round: int, uploads: list[ClientUpload], arrays: ArrayRecord
                     ) -> tuple[ArrayRecord, dict[str, float]]:
         """Synthesis alternating with distillation, into a fresh (or averaged) student."""
         s, device = self.settings, self.device
         start = time.monotonic()
-        clients = self.client_models(replies)
+        clients = self.client_models(uploads)
         student = self.model_fn().to(device) if s.student_init == "fresh" \
             else self.global_model(arrays)
         optimiser = torch.optim.SGD(student.parameters(), lr=s.distill_lr, momentum=0.9)

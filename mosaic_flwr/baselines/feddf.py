@@ -22,7 +22,7 @@ import time
 from typing import Callable
 
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord
 from torch import nn
 
 from ..config import RunConfig
@@ -32,7 +32,7 @@ from ..kd.distill import DistillWeights, distill_into
 from ..kd.ensemble import average_logits
 from ..kd.generator import build_generator
 from ..models import Classifier
-from ..records import TrainTask
+from ..records import ClientUpload, TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
 from .settings import FedDFSettings
 
@@ -95,19 +95,19 @@ class FedDFStrategy(TaskStrategy):
             return TrainTask()
         return TrainTask(upload_generator=True, settings=self.settings.generator.to_mapping())
 
-    def server_step(self, server_round: int, replies: list[Message], arrays: ArrayRecord
+    def server_step(self, server_round: int, uploads: list[ClientUpload], arrays: ArrayRecord
                     ) -> tuple[ArrayRecord, dict[str, float]]:
         """Distil the uniform client ensemble into the average."""
         s = self.settings
         start = time.monotonic()
-        clients = self.client_models(replies)
+        clients = self.client_models(uploads)
         student = self.global_model(arrays)
         stats: dict[str, float] = {}
         if self.score_fn is not None:
             stats["student_accuracy_before"] = self.score_fn(student.eval())
             stats["ensemble_accuracy"] = self.score_fn(lambda x: average_logits(clients, x))
         history = distill_into(
-            student, lambda x: average_logits(clients, x), self._sampler(replies),
+            student, lambda x: average_logits(clients, x), self._sampler(uploads),
             steps=s.steps, lr=s.lr,
             weights=DistillWeights(kl=1.0, ce=0.0, jsd=0.0, temperature=s.temperature),
             device=self.device, amp=self.amp, log_every=max(1, s.steps // 5), cosine=True,
@@ -119,7 +119,7 @@ class FedDFStrategy(TaskStrategy):
         stats["distill_seconds"] = time.monotonic() - start
         return ArrayRecord(student.to("cpu").state_dict()), stats
 
-    def _sampler(self, replies: list[Message]) -> Callable[[], torch.Tensor]:
+    def _sampler(self, uploads: list[ClientUpload]) -> Callable[[], torch.Tensor]:
         """One batch of distillation inputs per call (with generators: an equal share from
         each, at least ``batch_size`` in all)."""
         batch = self.settings.batch_size
@@ -128,6 +128,6 @@ class FedDFStrategy(TaskStrategy):
             assert proxy is not None
             return lambda: proxy[torch.randint(0, len(proxy), (batch,), generator=self.rng)
                                  ].to(self.device)
-        generators = self.client_generators(replies)
+        generators = self.client_generators(uploads)
         share = math.ceil(batch / len(generators))
         return lambda: torch.cat([g.sample(share, self.rng) for g in generators])

@@ -22,7 +22,7 @@ import time
 from typing import Callable
 
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn import functional as F
 
@@ -32,7 +32,7 @@ from ..kd.ensemble import (classwise_probabilities, client_logits, labels_by_cou
                            pairwise_diversity_loss, soft_cross_entropy)
 from ..kd.generator import ImageGenerator
 from ..models import Classifier
-from ..records import TrainTask
+from ..records import ClientUpload, TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
 from .settings import FedFTGSettings
 
@@ -144,7 +144,7 @@ class FedFTGStrategy(TaskStrategy):
         """Plain local training, plus the label counts."""
         return TrainTask(upload_counts=True)
 
-    def server_step(self, server_round: int, replies: list[Message], arrays: ArrayRecord
+    def server_step(self, server_round: int, uploads: list[ClientUpload], arrays: ArrayRecord
                     ) -> tuple[ArrayRecord, dict[str, float]]:
         """Fine-tune the average against the class-wise weighted client ensemble."""
         start = time.monotonic()
@@ -152,8 +152,8 @@ class FedFTGStrategy(TaskStrategy):
         stats: dict[str, float] = {}
         if self.score_fn is not None:
             stats["student_accuracy_before"] = self.score_fn(student.eval())
-        stats.update(fine_tune(student, self.generator, self.client_models(replies),
-                               self.label_counts(replies), self.settings, server_round, self.rng))
+        stats.update(fine_tune(student, self.generator, self.client_models(uploads),
+                               self.label_counts(uploads), self.settings, server_round, self.rng))
         if self.score_fn is not None:
             stats["student_accuracy_after"] = self.score_fn(student.eval())
         stats["distill_seconds"] = time.monotonic() - start

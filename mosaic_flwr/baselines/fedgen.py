@@ -20,14 +20,14 @@ import time
 from typing import Callable
 
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..kd.ensemble import head_logits, pairwise_diversity_loss
 from ..models import Classifier
-from ..records import GENERATOR_RECORD, TrainTask
+from ..records import GENERATOR_RECORD, ClientUpload, TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
 from ..client_part import ClientPart, ClientWork
 from ..training import Regulariser
@@ -142,17 +142,17 @@ class FedGenStrategy(TaskStrategy):
         state = {k: v.detach().cpu() for k, v in self.generator.state_dict().items()}
         return {GENERATOR_RECORD: ArrayRecord(state)}
 
-    def server_step(self, server_round: int, replies: list[Message], arrays: ArrayRecord
+    def server_step(self, server_round: int, uploads: list[ClientUpload], arrays: ArrayRecord
                     ) -> tuple[ArrayRecord, dict[str, float]]:
         """Train the generator against this round's client heads; the average stays global."""
         start = time.monotonic()
-        counts = self.label_counts(replies).double()
+        counts = self.label_counts(uploads).double()
         held = counts.sum(0)
         class_weights = (counts / held.clamp_min(1)).to(self.device)  # (K, C), columns sum to 1
         labels = torch.nonzero((counts > 1).any(0)).flatten()
         if len(labels) == 0:
             labels = torch.nonzero(held > 0).flatten()
-        states = [m.content[self.arrayrecord_key].to_torch_state_dict() for m in replies]
+        states = [u.arrays.to_torch_state_dict() for u in uploads]
         weights = torch.stack([s["head.weight"].float() for s in states]).to(self.device)
         biases = torch.stack([s["head.bias"].float() for s in states]).to(self.device)
         history = train_feature_generator(

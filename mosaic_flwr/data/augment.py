@@ -24,10 +24,6 @@ class BatchTransform:
         """Map [0, 1] images into the classifier's input space."""
         return (images - self.mean) / self.std
 
-    def denormalise(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Map classifier inputs back to [0, 1] images."""
-        return inputs * self.std + self.mean
-
     def augment(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Randomly crop (after padding) and flip a batch of [0, 1] images."""
         batch, _, height, width = images.shape

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
@@ -40,7 +40,7 @@ from ..kd.ensemble import head_logits
 from ..kd.generator import build_generator
 from ..models import Classifier
 from ..records import (LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES,
-                       STATS_RECORD, TrainTask)
+                       ClientUpload, TrainTask)
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
 from .experts import (class_experts, ensemble_logits, expert_logits, expert_weights,
                       mixed_expert_logits, mixture_log_probs)
@@ -144,12 +144,12 @@ class MosaicStrategy(TaskStrategy):
             upload_generator=distill and self.settings.generators,
             settings=self.settings.to_mapping() if distill else {})
 
-    def server_step(self, server_round: int, replies: list[Message], arrays: ArrayRecord
+    def server_step(self, server_round: int, uploads: list[ClientUpload], arrays: ArrayRecord
                     ) -> tuple[ArrayRecord, dict[str, float]]:
         """In the distillation round, distil the teacher into the average."""
         if self.settings.phase(server_round) != DISTILL:
             return arrays, {}
-        return self.distill_round(replies, arrays)
+        return self.distill_round(uploads, arrays)
 
     def stats_problem(self, stats: ArrayRecord, task: TrainTask, model: str) -> str:
         """The distillation round's uploads: label counts, prototypes with their labels, and
@@ -183,25 +183,25 @@ class MosaicStrategy(TaskStrategy):
         return ""
 
     # ------------------------------------------------------------ the Mosaic step
-    def distill_round(self, replies: list[Message], global_arrays: ArrayRecord
+    def distill_round(self, uploads: list[ClientUpload], global_arrays: ArrayRecord
                       ) -> tuple[ArrayRecord, dict[str, float]]:
-        """Experts, meta model and distillation from the distillation round's replies."""
+        """Experts, meta model and distillation from the distillation round's uploads."""
         s, device = self.settings, self.device
         rng = torch.Generator().manual_seed(self.seed)
         stats: dict[str, float] = {}
         start = time.monotonic()
 
-        counts = self.label_counts(replies)
+        counts = self.label_counts(uploads)
         weights = expert_weights(counts, s.expert_weighting)
-        experts_on, on_features = self._experts(replies, weights)
+        experts_on, on_features = self._experts(uploads, weights)
         class_share = counts.sum(0).double().to(device)
         stats["experts_seconds"] = time.monotonic() - start
 
         start = time.monotonic()
-        protos = torch.cat([torch.from_numpy(m.content[STATS_RECORD][PROTOTYPES].numpy())
-                            for m in replies]).to(device)
-        proto_labels = torch.cat([torch.from_numpy(m.content[STATS_RECORD][PROTOTYPE_LABELS].numpy())
-                                  for m in replies]).to(device)
+        protos = torch.cat([torch.from_numpy(u.stats[PROTOTYPES].numpy())
+                            for u in uploads]).to(device)
+        proto_labels = torch.cat([torch.from_numpy(u.stats[PROTOTYPE_LABELS].numpy())
+                                  for u in uploads]).to(device)
         stats["num_prototypes"] = len(protos)
         with torch.no_grad():
             proto_logits = on_features(protos).float()
@@ -212,7 +212,7 @@ class MosaicStrategy(TaskStrategy):
         fuse: Callable[[torch.Tensor], torch.Tensor] = ensemble
         if s.meta_model and len(protos) > 0:
             log(INFO, "[mosaic] training the meta model on %d prototypes from %d clients",
-                len(protos), len(replies))
+                len(protos), len(uploads))
             meta = MetaModel(weights.shape[1], self.num_classes, s.meta_dim, s.meta_heads,
                              s.meta_dropout).to(device)
             fuse = train_meta_model(meta, proto_logits, proto_labels, epochs=s.meta_epochs,
@@ -230,14 +230,14 @@ class MosaicStrategy(TaskStrategy):
 
         start = time.monotonic()
         student = self.global_model(global_arrays)
-        sample = self._sampler(replies, rng)
+        sample = self._sampler(uploads, rng)
         if self.score_fn is not None:
             student.eval()
             stats["student_accuracy_before"] = self.score_fn(student)
             stats["teacher_accuracy"] = self.score_fn(teacher)
             stats["ensemble_accuracy"] = self.score_fn(lambda x: ensemble(experts_on(x)))
         log(INFO, "[mosaic] distilling the teacher into the global model: %d steps, %d inputs "
-            "per step", s.distill_steps, s.samples_per_generator * len(replies))
+            "per step", s.distill_steps, s.samples_per_generator * len(uploads))
         history = distill_into(
             student, teacher, sample, steps=s.distill_steps, lr=s.distill_lr,
             weights=DistillWeights(s.kl_weight, s.ce_weight, s.jsd_weight, s.temperature),
@@ -253,7 +253,7 @@ class MosaicStrategy(TaskStrategy):
             f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))
         return ArrayRecord(student.to("cpu").state_dict()), stats
 
-    def _experts(self, replies: list[Message], weights: torch.Tensor
+    def _experts(self, uploads: list[ClientUpload], weights: torch.Tensor
                  ) -> tuple[Callable[[torch.Tensor], torch.Tensor],
                             Callable[[torch.Tensor], torch.Tensor]]:
         """The experts' outputs, ``(batch, C_experts, classes)``, on classifier inputs and on
@@ -266,21 +266,22 @@ class MosaicStrategy(TaskStrategy):
         is represented by its own head). See :mod:`mosaic_flwr.mosaic.experts`.
         """
         device = self.device
-        if not self.mixed(replies):
-            states = [m.content[self.arrayrecord_key].to_torch_state_dict() for m in replies]
+        if not self.mixed(uploads):
+            states = [u.arrays.to_torch_state_dict() for u in uploads]
             experts = {k: v.to(device) for k, v in class_experts(states, weights).items()}
             template = self.model_fn().to(device).eval()
             return (lambda x: expert_logits(template, experts, x).permute(1, 0, 2),
                     lambda features: head_logits(experts, features))
         probe_w, probe_b = [], []
-        for msg in replies:
-            stats, arrays = msg.content[STATS_RECORD], msg.content[self.arrayrecord_key]
+        for upload in uploads:
+            stats, arrays = upload.stats, upload.arrays
+            assert stats is not None
             weight, bias = ((stats[PROBE_WEIGHT], stats[PROBE_BIAS]) if PROBE_WEIGHT in stats
                             else (arrays["head.weight"], arrays["head.bias"]))
             probe_w.append(torch.from_numpy(weight.numpy()))
             probe_b.append(torch.from_numpy(bias.numpy()))
         w_stack, b_stack = torch.stack(probe_w).to(device), torch.stack(probe_b).to(device)
-        clients = self.client_models(replies)
+        clients = self.client_models(uploads)
         weights = weights.to(device)
 
         def on_features(features: torch.Tensor) -> torch.Tensor:
@@ -289,15 +290,15 @@ class MosaicStrategy(TaskStrategy):
 
         return (lambda x: mixed_expert_logits(clients, weights, x)), on_features
 
-    def _sampler(self, replies: list[Message], rng: torch.Generator
+    def _sampler(self, uploads: list[ClientUpload], rng: torch.Generator
                  ) -> Callable[[], torch.Tensor]:
         """Draws one distillation batch: ``samples_per_generator`` from every generator,
         or as many Gaussian-noise inputs when generators are off."""
         n = self.settings.samples_per_generator
         if not self.settings.generators:
-            shape = (n * len(replies), *self.input_shape)
+            shape = (n * len(uploads), *self.input_shape)
             return lambda: torch.randn(shape, generator=rng).to(self.device)
-        generators = self.client_generators(replies)
+        generators = self.client_generators(uploads)
         return lambda: torch.cat([g.sample(n, rng) for g in generators])
 
 
