@@ -1,10 +1,36 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the small in-process runs several test modules read.
+
+Each configuration in :data:`harness.TINY` runs once per test session
+(in-process, through :func:`harness.run_inline`), the first time a test asks for it.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
+import torch
 from flwr.supercore.task_identity import TaskIdentity
+from harness import TINY, InlineRun, run_inline
+
+# One thread per torch op in the test process, as every ClientApp runs (num-threads = 1):
+# the small models here gain nothing from more, and on a 2-core machine shared with
+# SuperLinks, Ray actors or other jobs, more threads than free cores slow each op down
+# many times over.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run() -> Callable[[str], InlineRun]:
+    """``tiny_run("fedgen")``: the tiny run of that strategy (run once per session)."""
+    done: dict[str, InlineRun] = {}
+
+    def get(strategy: str) -> InlineRun:
+        if strategy not in done:
+            done[strategy] = run_inline(TINY[strategy])
+        return done[strategy]
+    return get
 
 
 @pytest.fixture

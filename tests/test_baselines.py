@@ -2,35 +2,37 @@
 
 from __future__ import annotations
 
+import copy
+from functools import lru_cache
+
+import numpy as np
 import torch
-from flwr.app import Message
-from inline_grid import InlineGrid
-from test_mosaic_strategy import run_short
+from flwr.app import Array, ArrayRecord
+from harness import TINY, partition_id, run_inline
 from torch import nn
 
-from mosaic_flwr.baselines.common import (classwise_probabilities, labels_by_counts,
-                                          pairwise_diversity_loss, soft_cross_entropy)
 from mosaic_flwr.baselines.dense import DenseSettings, Synthesizer, adversarial_loss
 from mosaic_flwr.baselines.fedcog import (complementary_counts, js_agreement,
                                           synthesize_complementary)
-from mosaic_flwr.baselines.fedftg import disagreement, generator_loss
+from mosaic_flwr.baselines.fedftg import FedFTGStrategy, disagreement, generator_loss
 from mosaic_flwr.baselines.fedgen import FeatureGenerator, teacher_loss, train_feature_generator
 from mosaic_flwr.baselines.settings import FedCOGSettings, FedFTGSettings
 from mosaic_flwr.config import RunConfig
 from mosaic_flwr.data import client_indices, load_dataset, partitions_for, proxy_indices
 from mosaic_flwr.data.augment import BatchTransform
 from mosaic_flwr.data.datasets import DATASETS
+from mosaic_flwr.kd.ensemble import (classwise_probabilities, head_logits, labels_by_counts,
+                                     pairwise_diversity_loss, soft_cross_entropy)
+from mosaic_flwr.kd.generator import ImageGenerator
 from mosaic_flwr.models import build_model
-from mosaic_flwr.mosaic.experts import head_logits
-from mosaic_flwr.mosaic.generator import ImageGenerator
 from mosaic_flwr.records import GENERATOR_RECORD, LOCAL_MODEL_RECORD, STATS_RECORD, TASK_RECORD
 from mosaic_flwr.training import TrainSettings, train
 
 DIGITS = DATASETS["digits"]
 
 
-def trained_digits_model(seed: int = 0, epochs: int = 3) -> nn.Module:
-    """A CNN trained briefly on all of digits (~90% test accuracy)."""
+@lru_cache(maxsize=None)
+def _trained_state(seed: int, epochs: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     data = load_dataset("digits")
     model = build_model("cnn", DIGITS)
@@ -38,6 +40,14 @@ def trained_digits_model(seed: int = 0, epochs: int = 3) -> nn.Module:
           BatchTransform(DIGITS, torch.device("cpu")),
           TrainSettings(epochs=epochs, batch_size=32, learning_rate=0.05, augment=False),
           torch.device("cpu"), torch.Generator().manual_seed(seed))
+    return copy.deepcopy(model.state_dict())
+
+
+def trained_digits_model(seed: int, epochs: int = 2) -> nn.Module:
+    """A CNN trained briefly on all of digits (~90% test accuracy). Each (seed, epochs)
+    trains once per session; every call returns a fresh copy."""
+    model = build_model("cnn", DIGITS)
+    model.load_state_dict(_trained_state(seed, epochs))
     return model.eval()
 
 
@@ -148,7 +158,7 @@ def test_dense_adversarial_loss_counts_only_samples_where_student_and_teacher_di
 
 
 def test_dense_synthesis_makes_the_ensemble_predict_the_targets():
-    clients = [trained_digits_model(seed, epochs=2).requires_grad_(False) for seed in (0, 1)]
+    clients = [trained_digits_model(seed).requires_grad_(False) for seed in (0, 1)]
     settings = DenseSettings(generator_steps=40, synthesis_batch_size=64, latent_dim=16,
                              generator_width=16, adv_weight=0.0)
     synthesizer = Synthesizer(clients, lambda: ImageGenerator(DIGITS, 16, 16), 10, settings,
@@ -167,8 +177,7 @@ def test_fedcog_targets_the_classes_a_client_lacks():
 
 
 def test_fedcog_samples_are_classified_as_the_targeted_missing_classes_by_the_global_model():
-    global_model = trained_digits_model(0)
-    local = trained_digits_model(1, epochs=1)
+    global_model, local = trained_digits_model(0), trained_digits_model(1)
     per_class = complementary_counts(torch.tensor([90, 90, 0, 90, 0, 90, 90, 90, 90, 90]), 40)
     x, labels, targets = synthesize_complementary(
         global_model, local, per_class, (1, 8, 8), FedCOGSettings(generation_steps=100),
@@ -183,134 +192,114 @@ def test_fedcog_samples_are_classified_as_the_targeted_missing_classes_by_the_gl
 
 
 # ------------------------------------------------------- strategies, in-process
-TINY = dict(partitioner="dirichlet", dirichlet_alpha=0.3, num_clients=4, min_clients=2,
-            num_server_rounds=2, local_epochs=1, mosaic_generator_steps=4,
-            mosaic_generator_width=8, mosaic_generator_latent_dim=8)
-
-
-def tiny_run(strategy: str, **overrides):
-    config = RunConfig(strategy=strategy, **{**TINY, **overrides})
-    grid = InlineGrid(config.num_clients)
-    strategy_obj, result = run_short(config, grid)
-    return config, grid, strategy_obj, result
-
-
-def sent_in_round(grid: InlineGrid, server_round: int) -> list[Message]:
-    return [m for m in grid.sent if m.metadata.message_type == "train"
-            and int(m.content.config_records["config"]["server-round"]) == server_round]
-
-
-def replies_in_round(grid: InlineGrid, server_round: int) -> list[Message]:
-    # InlineGrid answers each message in turn: sent[i] is answered by replies[i].
-    return [reply for msg, reply in zip(grid.sent, grid.replies)
-            if msg.metadata.message_type == "train"
-            and int(msg.content.config_records["config"]["server-round"]) == server_round]
-
-
-def test_fedgen_sends_its_generator_from_round_two_and_clients_use_it():
-    config, grid, strategy, _ = tiny_run("fedgen", fedgen_generator_steps=20)
-    assert all(GENERATOR_RECORD not in m.content.array_records for m in sent_in_round(grid, 1))
-    round2 = sent_in_round(grid, 2)
-    assert all(set(m.content[GENERATOR_RECORD].keys()) == set(strategy.generator.state_dict())
-               for m in round2)
-    for reply in replies_in_round(grid, 2):
-        pid = int(reply.content.config_records["client"]["partition-id"])
+def test_fedgen_sends_its_generator_from_round_two_and_clients_use_it(tiny_run):
+    run = tiny_run("fedgen")
+    assert all(GENERATOR_RECORD not in m.content.array_records for m in run.sent_in_round(1))
+    assert all(set(m.content[GENERATOR_RECORD].keys()) == set(run.strategy.generator.state_dict())
+               for m in run.sent_in_round(2))
+    decayed_alpha = run.overrides["fedgen-alpha"] * run.overrides["fedgen-decay"]
+    train_labels = load_dataset("digits").train_labels
+    for reply in run.replies_in_round(2):
+        pid = partition_id(reply)
         counts = reply.content[STATS_RECORD]["label-counts"].numpy()
-        labels = load_dataset("digits").train_labels[client_indices(config, pid)]
-        assert counts.tolist() == torch.bincount(torch.from_numpy(labels), minlength=10).tolist()
+        labels = train_labels[client_indices(run.config, pid)]
+        assert counts.tolist() == np.bincount(labels, minlength=10).tolist()
         assert list(reply.content[STATS_RECORD].keys()) == ["label-counts"]  # nothing else
         metrics = reply.content.metric_records["metrics"]
-        assert abs(metrics["fedgen-alpha"] - config.fedgen_alpha * config.fedgen_decay) < 1e-9
+        assert abs(metrics["fedgen-alpha"] - decayed_alpha) < 1e-9
     assert all("fedgen-alpha" not in r.content.metric_records["metrics"]
-               for r in replies_in_round(grid, 1))
-    for stats in strategy.round_stats.values():
+               for r in run.replies_in_round(1))
+    for stats in run.round_stats.values():
         assert stats["generator_loss_last"] < stats["generator_loss_first"]
 
 
-def test_fedftg_fine_tunes_the_average_on_the_server_every_round():
-    _, grid, strategy, result = tiny_run("fedftg", fedftg_iterations=3, fedftg_latent_dim=8,
-                                         fedftg_generator_width=8)
-    assert all(m.content[TASK_RECORD]["upload-counts"] for m in grid.sent
-               if m.metadata.message_type == "train")
-    for stats in strategy.round_stats.values():
+def test_fedftg_fine_tunes_the_average_on_the_server_every_round(tiny_run):
+    run = tiny_run("fedftg")
+    assert all(m.content[TASK_RECORD]["upload-counts"] for m in run.sent_in_round(1)
+               + run.sent_in_round(2))
+    for stats in run.round_stats.values():
         assert {"hard_disagreement_first", "student_accuracy_before", "student_accuracy_after",
                 "distill_loss_first"} <= set(stats)
     # The global model is the fine-tuned average, not the average itself.
-    final = result.arrays.to_torch_state_dict()
-    average = strategy.average(replies_in_round(grid, 2))[0].to_torch_state_dict()
+    final = run.result.arrays.to_torch_state_dict()
+    average = run.strategy.average(run.replies_in_round(2))[0].to_torch_state_dict()
     assert any(not torch.equal(final[k], average[k]) for k in final)
+    assert run.round_stats[2]["student_accuracy_after"] == run.accuracies[2]
 
 
-def test_dense_is_one_shot_with_the_whole_local_budget_and_a_fresh_student():
-    config, grid, strategy, result = tiny_run(
-        "dense", num_server_rounds=3, dense_epochs=2, dense_generator_steps=3,
-        dense_synthesis_batch_size=16, dense_latent_dim=8, dense_generator_width=8)
-    train_messages = [m for m in grid.sent if m.metadata.message_type == "train"]
-    assert len(train_messages) == config.num_clients  # one round only
-    assert all(m.content[TASK_RECORD]["local-epochs"] == config.local_epochs * 3
-               for m in train_messages)
-    assert list(strategy.round_stats) == [1]
-    assert {"ensemble_accuracy", "student_accuracy_after"} <= set(strategy.round_stats[1])
-    average = strategy.average(replies_in_round(grid, 1))[0].to_torch_state_dict()
-    final = result.arrays.to_torch_state_dict()
+def test_dense_is_one_shot_with_the_whole_local_budget_and_a_fresh_student(tiny_run):
+    run = tiny_run("dense")
+    train_messages = run.sent_in_round(1)
+    assert len(run.grid.sent) == len(train_messages) == run.config.num_clients  # one round only
+    budget = run.overrides["local-epochs"] * run.overrides["num-server-rounds"]
+    assert all(m.content[TASK_RECORD]["local-epochs"] == budget for m in train_messages)
+    assert list(run.round_stats) == [1]
+    assert {"ensemble_accuracy", "student_accuracy_after"} <= set(run.round_stats[1])
+    average = run.strategy.average(run.replies_in_round(1))[0].to_torch_state_dict()
+    final = run.result.arrays.to_torch_state_dict()
     assert all(not torch.equal(final[k], average[k]) for k in final if final[k].is_floating_point())
 
 
 def test_proxy_split_is_held_out_from_every_client():
-    config = RunConfig(num_clients=4, partitioner="dirichlet", proxy_fraction=0.2)
+    settings = {"num-clients": 4, "partitioner": "dirichlet", "proxy-fraction": 0.2}
+    config = RunConfig.from_mapping(settings)
     proxy = set(proxy_indices(config).tolist())
     clients = [set(p.tolist()) for p in partitions_for(config)]
     total = len(load_dataset("digits").train_labels)
     assert len(proxy) == round(0.2 * total)
     assert all(not (proxy & c) for c in clients)
     assert len(proxy) + sum(len(c) for c in clients) == total
-    assert len(proxy_indices(config.replace(proxy_fraction=0.0))) == 0
+    assert len(proxy_indices(RunConfig.from_mapping({**settings, "proxy-fraction": 0.0}))) == 0
 
 
-def test_feddf_distils_the_ensemble_on_client_generators_or_on_the_proxy_split():
-    _, grid, strategy, _ = tiny_run("feddf", feddf_steps=10)
-    assert all(GENERATOR_RECORD in r.content.array_records for r in grid.replies)
-    _, grid, strategy, _ = tiny_run("feddf", feddf_steps=30, feddf_inputs="proxy",
-                                    proxy_fraction=0.2)
-    assert all(GENERATOR_RECORD not in r.content.array_records for r in grid.replies)
+def test_feddf_distils_the_ensemble_on_client_generators(tiny_run):
+    run = tiny_run("feddf")
+    assert all(GENERATOR_RECORD in r.content.array_records for r in run.grid.replies)
+    assert run.strategy.proxy_inputs is None
+    for stats in run.round_stats.values():
+        assert stats["distill_loss_last"] != stats["distill_loss_first"]
+
+
+def test_feddf_distils_the_ensemble_on_the_held_out_proxy_split():
+    run = run_inline({**TINY["feddf"], "num-server-rounds": 1, "feddf-steps": 30,
+                      "feddf-inputs": "proxy", "proxy-fraction": 0.2})
+    assert all(GENERATOR_RECORD not in r.content.array_records for r in run.grid.replies)
     num_train = len(load_dataset("digits").train_labels)
-    assert strategy.proxy_inputs is not None and len(strategy.proxy_inputs) == round(0.2 * num_train)
-    for stats in strategy.round_stats.values():
-        assert stats["distill_loss_last"] < stats["distill_loss_first"]
+    assert run.strategy.proxy_inputs is not None
+    assert len(run.strategy.proxy_inputs) == round(0.2 * num_train)
+    assert run.round_stats[1]["distill_loss_last"] < run.round_stats[1]["distill_loss_first"]
 
 
-def test_fedcog_clients_keep_their_model_and_synthesise_from_the_start_round():
-    config, grid, _, _ = tiny_run("fedcog", num_server_rounds=3, fedcog_start_round=3,
-                                  fedcog_generation_steps=5, fedcog_num_samples=32)
-    for server_round in (1, 2):
+def test_fedcog_clients_keep_their_model_and_synthesise_from_the_start_round(tiny_run):
+    run = tiny_run("fedcog")
+    start = run.overrides["fedcog-start-round"]
+    for server_round in range(1, start):
         assert all("fedcog-samples" not in r.content.metric_records["metrics"]
-                   for r in replies_in_round(grid, server_round))
+                   for r in run.replies_in_round(server_round))
     samples = [r.content.metric_records["metrics"]["fedcog-samples"]
-               for r in replies_in_round(grid, 3)]
-    assert len(samples) == config.num_clients and all(0 < n <= 32 for n in samples)
+               for r in run.replies_in_round(start)]
+    assert len(samples) == run.config.num_clients
+    assert all(0 < n <= run.overrides["fedcog-num-samples"] for n in samples)
     # Each node kept its own last trained model in its state (the one it uploaded in
-    # round 3), and that record never left the node.
-    for msg, reply in zip(grid.sent, grid.replies):
-        if int(msg.content.config_records["config"]["server-round"]) == 3:
-            kept = grid.contexts[msg.metadata.dst_node_id].state[LOCAL_MODEL_RECORD]
+    # the last round), and that record never left the node.
+    for msg, reply in run.exchanges():
+        if int(msg.content.config_records["config"]["server-round"]) == start:
+            kept = run.grid.contexts[msg.metadata.dst_node_id].state[LOCAL_MODEL_RECORD]
             kept, uploaded = kept.to_torch_state_dict(), reply.content["arrays"].to_torch_state_dict()
             assert all(torch.equal(kept[k], uploaded[k]) for k in kept)
-    assert all(LOCAL_MODEL_RECORD not in r.content.array_records for r in grid.replies)
+    assert all(LOCAL_MODEL_RECORD not in r.content.array_records for r in run.grid.replies)
 
 
 def test_a_counts_only_upload_is_screened_like_any_other_reply():
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from flwr.app import Array, ArrayRecord  # pylint: disable=import-outside-toplevel
+    strategy = FedFTGStrategy.from_config(RunConfig.from_mapping({"strategy": "fedftg"}))
+    task, model = strategy.task_for(1), strategy.global_name
 
-    from mosaic_flwr.baselines.fedftg import FedFTGStrategy  # pylint: disable=import-outside-toplevel
-
-    strategy = FedFTGStrategy.from_config(RunConfig(strategy="fedftg"))
-    good = ArrayRecord({"label-counts": Array(np.arange(10, dtype=np.int64))})
-    assert strategy.stats_problem(good, prototypes=False) == ""
-    floats = ArrayRecord({"label-counts": Array(np.ones(10, dtype=np.float32))})
-    assert "10 non-negative integers" in strategy.stats_problem(floats, prototypes=False)
-    negative = ArrayRecord({"label-counts": Array(-np.ones(10, dtype=np.int64))})
-    assert "non-negative" in strategy.stats_problem(negative, prototypes=False)
-    extra = ArrayRecord({"label-counts": Array(np.arange(10, dtype=np.int64)),
-                         "prototypes": Array(np.zeros((1, 512), dtype=np.float32))})
-    assert "stats must hold label-counts" in strategy.stats_problem(extra, prototypes=False)
+    def problem(counts: np.ndarray, **extra: np.ndarray) -> str:
+        return strategy.stats_problem(ArrayRecord({"label-counts": Array(counts),
+                                                   **{k: Array(v) for k, v in extra.items()}}),
+                                      task, model)
+    assert problem(np.arange(10, dtype=np.int64)) == ""
+    assert "10 non-negative integers" in problem(np.ones(10, dtype=np.float32))
+    assert "non-negative" in problem(-np.ones(10, dtype=np.int64))
+    assert "stats must hold label-counts" in problem(
+        np.arange(10, dtype=np.int64), prototypes=np.zeros((1, 512), dtype=np.float32))

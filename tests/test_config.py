@@ -1,11 +1,14 @@
 """Run configuration: defaults, presets, precedence, and one clear error per mistake."""
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from mosaic_flwr.config import ConfigError, RunConfig, available_presets, load_preset, resolve_run_config
+from mosaic_flwr.mosaic.settings import MosaicSettings
+from mosaic_flwr.server import message_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,5 +115,30 @@ def test_every_shipped_preset_is_valid(name):
 
 
 def test_round_trip_through_a_config_record_mapping():
-    config = RunConfig(strategy="fedprox", seed=4, learning_rate=0.2)
+    config = RunConfig.from_mapping({"strategy": "fedprox", "seed": 4, "learning-rate": 0.2,
+                                     "mosaic-meta-dim": 40, "feddf-steps": 7})
     assert RunConfig.from_mapping(config.to_mapping()) == config
+
+
+def test_method_keys_land_in_their_typed_section():
+    config = RunConfig.from_mapping({"mosaic-warmup-rounds": 3, "fedgen-noise-dim": 8,
+                                     "feddf-generator-steps": 5})
+    assert config.mosaic == MosaicSettings(warmup_rounds=3)
+    assert config.fedgen.noise_dim == 8 and config.feddf.generator_steps == 5
+    assert config.mosaic.generator_steps == 200  # FedDF's generator keys are its own
+    assert config.to_mapping()["mosaic-warmup-rounds"] == 3
+    assert dataclasses.is_dataclass(config.mosaic) and not hasattr(config, "mosaic_warmup_rounds")
+
+
+def test_a_message_carries_the_core_keys_and_a_client_rebuilds_them_without_revalidating():
+    config = RunConfig.from_mapping({"strategy": "mosaic", "mosaic-warmup-rounds": 3})
+    record = message_config(config)
+    assert set(record.keys()) == set(RunConfig.core_keys())
+    assert not any(key.startswith("mosaic-") for key in record.keys())
+    rebuilt = RunConfig.from_mapping(dict(record.items()), validate=False)
+    assert rebuilt.core_mapping() == config.core_mapping()
+    # validate=False really skips the checks (the server ran them once).
+    bad = RunConfig.from_mapping({"num-clients": 0}, validate=False)
+    assert bad.num_clients == 0
+    with pytest.raises(ConfigError):
+        bad.validate()

@@ -1,10 +1,18 @@
-"""End to end through the real `flwr run` simulation runtime on a private SuperLink.
+"""End to end through the real `flwr run` simulation runtime.
 
-Each test asserts the run's final status as the SuperLink reports it
-(`finished:completed` / `finished:failed`), not the exit code of `flwr run`,
-which is 0 even when the ServerApp raised.
+Each runtime feature runs once here; what a strategy does with its replies is
+tested in-process (tests/harness.py). Every test asserts a run's final status
+as the SuperLink reports it (`finished:completed` / `finished:failed`), not the
+exit code of `flwr run`, which is 0 even when the ServerApp raised.
+
+The runs: one seeded FedProx run on a preset through `mosaic-flwr simulate`'s
+launcher and the same run config through the README's plain `flwr run` setup
+(they must agree with each other and with the in-process run); one invalid
+config; one run with misbehaving clients; Mosaic with three architectures; and
+the `compare` command (FedAvg and FedGen).
 """
 
+import csv
 import json
 import os
 import shutil
@@ -14,15 +22,25 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import run_inline
 
+from mosaic_flwr.cli import main as cli_main
+from mosaic_flwr.config import load_preset
 from mosaic_flwr.simulation import FLOWER_ENV, LocalSuperLink, free_port, simulate
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 
+#: FedProx (not the default strategy) on the digits-dirichlet preset (Dirichlet 0.1,
+#: 10 clients, 20 rounds x 5 epochs), cut to 2 rounds x 1 epoch by explicit values;
+#: every client also scores the global model on its data; wandb logs offline.
+SEEDED = {"preset": "digits-dirichlet", "strategy": "fedprox", "num-server-rounds": 2,
+          "local-epochs": 1, "seed": 1, "fraction-evaluate": 1.0, "wandb": True,
+          "wandb-mode": "offline"}
+
 FAULTY_CLIENT = '''
 """A ClientApp that misbehaves on purpose: partition 0 raises, 1 sends NaN weights,
-2 sends no metrics, 3 answers too late in round 2."""
+2 sends no metrics, 3 answers too late in round 2, 4 and 5 raise in round 3."""
 import time
 
 import numpy as np
@@ -37,10 +55,11 @@ app = ClientApp()
 @app.train()
 def train(msg, context):
     pid = int(context.node_config["partition-id"])
-    if pid == 0:
+    server_round = int(msg.content["config"]["server-round"])
+    if pid == 0 or (pid in (4, 5) and server_round == 3):
         raise RuntimeError("injected failure")
-    if pid == 3 and int(msg.content["config"]["server-round"]) == 2:
-        time.sleep(40)
+    if pid == 3 and server_round == 2:
+        time.sleep(45)
     reply = handle_train(msg, context)
     if pid == 1:
         arrays = reply.content["arrays"]
@@ -51,6 +70,26 @@ def train(msg, context):
     return reply
 '''
 
+#: Mosaic's whole schedule (warm-up round 1, distillation in round 2, fine-tuning round 3)
+#: with clients of three architectures: CNNs (the global model), ResNet-8s and ResNet-18s.
+MOSAIC = {"strategy": "mosaic", "partitioner": "dirichlet", "dirichlet-alpha": 0.1,
+          "num-server-rounds": 3, "local-epochs": 1, "mosaic-warmup-rounds": 1,
+          "mosaic-generator-steps": 20, "mosaic-meta-epochs": 10, "mosaic-distill-steps": 20,
+          "global-model": "cnn", "client-models": "cnn,resnet8@0.5,resnet18@0.25"}
+
+#: The compare command's shared settings: 4 label-skewed clients, 2 short rounds.
+COMPARE = {"partitioner": "dirichlet", "dirichlet-alpha": 0.1, "num-clients": 4,
+           "num-server-rounds": 2, "local-epochs": 1, "fedgen-generator-steps": 20}
+
+
+def metrics_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def round_accuracies(summary: dict) -> list[float]:
+    """Test accuracy of the untrained model, then after every round."""
+    return [summary["initial_accuracy"], *(r["accuracy"] for r in summary["rounds"])]
+
 
 @pytest.fixture(scope="module")
 def superlink():
@@ -59,165 +98,37 @@ def superlink():
 
 
 @pytest.fixture(scope="module")
-def faulty_app(tmp_path_factory) -> Path:
-    """This app with its ClientApp replaced by one that misbehaves."""
-    app = tmp_path_factory.mktemp("faulty_app")
-    shutil.copytree(ROOT / "server_app", app / "server_app")
-    shutil.copytree(ROOT / "configs", app / "configs")
-    (app / "faulty_client.py").write_text(FAULTY_CLIENT)
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    (app / "pyproject.toml").write_text(
-        pyproject.replace('clientapp = "client_app.app:app"', 'clientapp = "faulty_client:app"'))
-    return app
-
-
-def metrics_lines(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_simulation_completes_and_repeats_exactly(superlink, tmp_path):
-    overrides = {"num-server-rounds": 3, "partitioner": "dirichlet", "dirichlet-alpha": 0.5,
-                 "seed": 1, "fraction-evaluate": 1.0}
-    first = simulate(overrides, superlink=superlink, output_dir=tmp_path)
-    assert first.completed, first.log[-3000:]
-    summary = first.summary
-    assert summary["status"] == "completed" and summary["num_clients"] == 10
-    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0 for r in summary["rounds"])
-    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
-    partitions = json.loads((first.run_dir / "partitions.json").read_text())
-    assert sum(c["num_examples"] for c in partitions["clients"]) == 1438
-    lines = metrics_lines(first.run_dir)
-    assert [m["clients_ok"] for m in lines] == [10, 10, 10]
-    # Client-side evaluation: every client scores the global model on its own data.
-    assert all(0.0 <= m["local_accuracy"] <= 1.0 and m["local_loss"] > 0 for m in lines)
-    assert (first.run_dir / "accuracy.png").exists() and (first.run_dir / "flwr.log").exists()
-
-    second = simulate(overrides, superlink=superlink, output_dir=tmp_path)
-    assert second.completed
-    assert second.run_dir != first.run_dir
-    assert [r["accuracy"] for r in second.summary["rounds"]] == \
-        [r["accuracy"] for r in summary["rounds"]]
-
-
-def test_preset_strategy_and_wandb_come_from_the_run_config(superlink, tmp_path):
-    """The preset's values apply, explicit --run-config values beat them, wandb logs offline."""
-    outcome = simulate({"preset": "digits-dirichlet", "strategy": "fedprox",
-                        "num-server-rounds": 2, "local-epochs": 1, "wandb": True,
-                        "wandb-mode": "offline"}, superlink=superlink, output_dir=tmp_path)
+def seeded_run(superlink, tmp_path_factory):
+    """SEEDED through `mosaic-flwr simulate`'s launcher."""
+    outcome = simulate(SEEDED, superlink=superlink, output_dir=tmp_path_factory.mktemp("seeded"))
     assert outcome.completed, outcome.log[-3000:]
-    summary = outcome.summary
-    assert (summary["strategy"], summary["partitioner"], summary["dirichlet_alpha"]) == \
-        ("fedprox", "dirichlet", 0.1)
-    assert len(summary["rounds"]) == 2  # explicit value, not the preset's 20
-    assert summary["config"]["local-epochs"] == 1
-    assert "Proximal mu: 0.01" in outcome.log  # Flower's FedProx summary line
-    assert len(list((outcome.run_dir / "wandb").glob("offline-run-*/*.wandb"))) == 1
+    return outcome
 
 
-@pytest.mark.parametrize("overrides,line", [
-    ({"dirichlet-alpha": -1.0}, "invalid run config: dirichlet-alpha=-1.0: must be > 0"),
-    ({"strategy": "fedsgd"}, "invalid run config: strategy='fedsgd': must be one of dense, "
-                             "fedavg, fedcog, feddf, fedftg, fedgen, fedprox, fedrolex, "
-                             "heterofl, mosaic"),
-    ({"num-clients": 5000, "min-clients": 1},
-     "invalid run config: num-clients=5000: must be <= the 1438 training samples of digits"),
-])
-def test_invalid_config_fails_the_run_before_any_training(superlink, tmp_path, overrides, line):
-    outcome = simulate(overrides, superlink=superlink, output_dir=tmp_path, validate=False,
-                       num_supernodes=2)
-    assert outcome.status == "finished:failed"
-    error_lines = [l for l in outcome.log.splitlines() if "ERROR" in l]
-    assert error_lines[0].rstrip().endswith(line)  # our line comes first, before any traceback
-    assert "[ROUND 1" not in outcome.log
-    assert not (outcome.run_dir / "metrics.jsonl").exists()
-
-
-def test_failing_malformed_and_late_clients_are_left_out(superlink, tmp_path, faulty_app):
-    # Round 1 includes the start of the Ray actors, so the timeout leaves room for it.
-    outcome = simulate({"num-server-rounds": 2, "round-timeout": 25.0}, superlink=superlink,
-                       app_dir=faulty_app, output_dir=tmp_path)
-    assert outcome.completed, outcome.log[-3000:]
-    first, second = metrics_lines(outcome.run_dir)
-    assert (first["clients_ok"], first["clients_failed"], first["clients_timed_out"]) == (7, 3, 0)
-    assert (second["clients_ok"], second["clients_failed"], second["clients_timed_out"]) == (6, 3, 1)
-    assert "client error" in outcome.log and "NaN" in outcome.log
-    assert outcome.summary["final_accuracy"] > 0.3
-
-
-def test_too_few_good_clients_stop_the_run_clearly_and_keep_the_results(superlink, tmp_path,
-                                                                        faulty_app):
-    outcome = simulate({"num-server-rounds": 2, "min-clients": 8}, superlink=superlink,
-                       app_dir=faulty_app, output_dir=tmp_path)
-    assert outcome.status == "finished:failed"
-    assert "fewer than min-clients=8" in outcome.log
-    summary = outcome.summary
-    assert summary["status"] == "failed" and "min-clients=8" in summary["error"]
-
-
-#: A short, cheap Mosaic schedule: warm-up round 1, distillation in round 2, fine-tuning round 3.
-SHORT_MOSAIC = {"strategy": "mosaic", "partitioner": "dirichlet", "dirichlet-alpha": 0.1,
-                "num-server-rounds": 3, "local-epochs": 1, "mosaic-warmup-rounds": 1,
-                "mosaic-generator-steps": 20, "mosaic-meta-epochs": 10, "mosaic-distill-steps": 20}
-
-
-def test_mosaic_runs_its_whole_schedule_under_flwr_run(superlink, tmp_path):
-    outcome = simulate(SHORT_MOSAIC, superlink=superlink, output_dir=tmp_path)
-    assert outcome.completed, outcome.log[-3000:]
-    lines = metrics_lines(outcome.run_dir)
-    assert [m["phase"] for m in lines] == ["warmup", "distill", "finetune"]
-    distill = lines[1]
-    assert distill["clients_ok"] == 10 and distill["num_prototypes"] > 0
-    for key in ("teacher_accuracy", "ensemble_accuracy", "meta_prototype_accuracy",
-                "student_accuracy_before", "student_accuracy_after"):
-        assert 0.0 <= distill[key] <= 1.0, key
-    assert distill["accuracy"] == distill["student_accuracy_after"]
-    assert distill["generator_seconds_sum"] > 0 and distill["distill_seconds"] > 0
-    assert "[mosaic] distillation step 20/20" in outcome.log
-    assert "[mosaic] meta model epoch 10/10" in outcome.log
-
-
-def test_compare_writes_one_table_over_methods_and_seeds(tmp_path):
-    from mosaic_flwr.cli import main  # pylint: disable=import-outside-toplevel
-
-    out = tmp_path / "cmp"
-    code = main(["compare", "--methods", "fedavg", "mosaic-no-meta", "--seeds", "0", "1",
-                 "--output-dir", str(out), "-c",
-                 " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}".replace('"', "'")
-                          for k, v in SHORT_MOSAIC.items() if k != "strategy")])
-    assert code == 0
-    rows = (out / "comparison.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4
-    report = (out / "comparison.md").read_text()
-    assert "partitions identical across methods for each seed: yes" in report
-    assert "| fedavg | 0.1 |" in report and "| mosaic-no-meta | 0.1 |" in report
-    assert (out / "comparison.png").stat().st_size > 0
-    assert len(list((out / "runs").iterdir())) == 4
-
-
-def test_plain_flwr_run_after_the_readme_setup_uses_ten_clients(tmp_path):
-    """README: set the local federation to 10 SuperNodes once, then plain `flwr run .`."""
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> Path:
+    """README: set the local federation to 10 SuperNodes once, then plain `flwr run .`
+    (with SEEDED as its run config); returns the run's folder."""
+    base = tmp_path_factory.mktemp("plain")
     port, control = free_port(), free_port()
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(tmp_path / "flwr-home"),
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(base / "flwr-home"),
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
            "FLWR_LOCAL_CONTROL_API_PORT": str(control)}
 
     def flwr(*args):
         return subprocess.run(["flwr", *args], env=env, capture_output=True, text=True,
                               timeout=300, check=False)
+    run_config = " ".join(f"{key}={json.dumps(value)}" for key, value in
+                          {**SEEDED, "output-dir": str(base), "run-name": "plain"}.items())
     try:
         setup = flwr("federation", "simulation-config", "--num-supernodes", "10",
                      "--client-resources-num-cpus", "1")
         assert "Updated simulation configuration" in setup.stdout, setup.stdout + setup.stderr
-        run = flwr("run", str(ROOT), "--stream", "--run-config",
-                   f"output-dir='{tmp_path}' run-name='plain' num-server-rounds=2")
+        run = flwr("run", str(ROOT), "--stream", "--run-config", run_config)
         run_id = next(line.rsplit(" ", 1)[-1] for line in run.stdout.splitlines()
                       if "Successfully started run" in line)
         status = json.loads(flwr("ls", "--run-id", run_id, "--format", "json").stdout)
         assert status["runs"][0]["status"] == "finished:completed", run.stdout[-3000:]
-        summary = json.loads((tmp_path / "plain" / "summary.json").read_text())
-        assert summary["num_clients"] == 10 and len(summary["rounds"]) == 2
-        assert [m["clients_ok"] for m in metrics_lines(tmp_path / "plain")] == [10, 10]
     finally:
         # `flwr` detached the local SuperLink into its own session: stop it by PID.
         found = subprocess.run(["pgrep", "-f", f"flower-superlink.*--port {port}"],
@@ -230,64 +141,153 @@ def test_plain_flwr_run_after_the_readme_setup_uses_ten_clients(tmp_path):
                 time.sleep(0.2)
             else:
                 os.killpg(pid, signal.SIGKILL)
+    return base / "plain"
 
 
-#: Every baseline on a short schedule with small server budgets (same for all runs).
-SHORT_BASELINES = {"partitioner": "dirichlet", "dirichlet-alpha": 0.1, "num-clients": 4,
-                   "num-server-rounds": 2,
-                   "local-epochs": 1, "fedgen-generator-steps": 10, "fedftg-iterations": 2,
-                   "dense-epochs": 2, "dense-generator-steps": 5,
-                   "dense-synthesis-batch-size": 32, "feddf-steps": 10,
-                   "mosaic-generator-steps": 10, "fedcog-start-round": 2,
-                   "fedcog-generation-steps": 10, "fedcog-num-samples": 32}
+# ---------------------------------------------------------------- a seeded run, twice
+def test_simulation_completes_and_writes_its_results(seeded_run):
+    summary = seeded_run.summary
+    assert summary["status"] == "completed" and summary["num_clients"] == 10
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["final_accuracy"] == summary["rounds"][-1]["accuracy"]
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.05
+    partitions = json.loads((seeded_run.run_dir / "partitions.json").read_text())
+    assert sum(c["num_examples"] for c in partitions["clients"]) == 1438
+    lines = metrics_lines(seeded_run.run_dir)
+    assert [(m["round"], m["clients_ok"]) for m in lines] == [(1, 10), (2, 10)]
+    assert [m["accuracy"] for m in lines] == [r["accuracy"] for r in summary["rounds"]]
+    assert all("local_accuracy" in m for m in lines)  # every client scored the global model
+    assert (seeded_run.run_dir / "accuracy.png").exists()
+    assert (seeded_run.run_dir / "flwr.log").exists()
 
 
-def test_every_baseline_completes_under_flwr_run(tmp_path):
-    from mosaic_flwr.cli import main  # pylint: disable=import-outside-toplevel
-
-    methods = ["fedgen", "fedftg", "dense", "feddf", "fedcog"]
-    out = tmp_path / "baselines"
-    code = main(["compare", "--methods", *methods, "--seeds", "0", "--output-dir", str(out), "-c",
-                 " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}"
-                          for k, v in SHORT_BASELINES.items())])
-    assert code == 0
-    for method in methods:
-        run_dir = out / "runs" / f"{method}-seed0"
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["status"] == "completed", (method, summary)
-        assert summary["strategy"] == method
-        assert 0.0 < summary["final_accuracy"] <= 1.0
-        lines = metrics_lines(run_dir)
-        assert len(lines) == (1 if method == "dense" else 2)  # DENSE is one-shot
-        assert all(line["clients_ok"] == 4 for line in lines)
-    report = (out / "comparison.md").read_text()
-    assert "partitions identical across methods for each seed: yes" in report
+def test_preset_strategy_and_wandb_come_from_the_run_config(seeded_run):
+    """The preset's values apply, explicit --run-config values beat them, wandb logs offline."""
+    summary = seeded_run.summary
+    assert (summary["strategy"], summary["partitioner"], summary["dirichlet_alpha"]) == \
+        ("fedprox", "dirichlet", 0.1)
+    assert len(summary["rounds"]) == 2  # explicit value, not the preset's 20
+    assert summary["config"]["local-epochs"] == 1
+    assert "Proximal mu: 0.01" in seeded_run.log  # Flower's FedProx summary line
+    assert len(list((seeded_run.run_dir / "wandb").glob("offline-run-*/*.wandb"))) == 1
 
 
-WIDTH_GROUPS = "cnn@1,cnn@0.5,cnn@0.25"
-ARCHITECTURES = "cnn,resnet8@0.5,resnet18@0.25"
+def test_plain_flwr_run_after_the_readme_setup_uses_ten_clients(plain_run):
+    summary = json.loads((plain_run / "summary.json").read_text())
+    assert summary["num_clients"] == 10 and len(summary["rounds"]) == 2
+    assert [m["clients_ok"] for m in metrics_lines(plain_run)] == [10, 10]
 
 
-@pytest.mark.parametrize("overrides", [
-    {"strategy": "heterofl", "num-server-rounds": 2, "local-epochs": 1},
-    {"strategy": "fedrolex", "num-server-rounds": 2, "local-epochs": 1},
-    SHORT_MOSAIC,
-], ids=["heterofl", "fedrolex", "mosaic"])
-def test_three_width_groups_complete_under_flwr_run(superlink, tmp_path, overrides):
-    outcome = simulate({**overrides, "client-models": WIDTH_GROUPS}, superlink=superlink,
-                       output_dir=tmp_path)
+def test_a_seeded_run_repeats_exactly(seeded_run, plain_run):
+    again = json.loads((plain_run / "summary.json").read_text())
+    assert plain_run != seeded_run.run_dir
+    assert round_accuracies(again) == round_accuracies(seeded_run.summary)
+    assert [r["loss"] for r in again["rounds"]] == [r["loss"] for r in seeded_run.summary["rounds"]]
+    assert [m["local_accuracy"] for m in metrics_lines(plain_run)] == \
+        [m["local_accuracy"] for m in metrics_lines(seeded_run.run_dir)]
+
+
+def test_flwr_run_gives_the_accuracies_of_the_same_config_run_in_process(seeded_run):
+    """Ray, the SuperLink and message serialisation change nothing a client or the server computes."""
+    keys = {k: v for k, v in SEEDED.items() if k not in ("preset", "wandb", "wandb-mode")}
+    inline = run_inline({**load_preset(SEEDED["preset"]), **keys})
+    assert inline.accuracies == round_accuracies(seeded_run.summary)
+    assert [inline.round_stats[r]["local_accuracy"] for r in (1, 2)] == \
+        [m["local_accuracy"] for m in metrics_lines(seeded_run.run_dir)]
+
+
+# ---------------------------------------------------------------- runs that go wrong
+def test_invalid_config_fails_the_run_before_any_training(superlink, tmp_path):
+    """One bad value (every kind of bad value is unit-tested in test_config.py)."""
+    outcome = simulate({"dirichlet-alpha": -1.0}, superlink=superlink, output_dir=tmp_path,
+                       validate=False, num_supernodes=2)
+    assert outcome.status == "finished:failed"
+    error_lines = [l for l in outcome.log.splitlines() if "ERROR" in l]
+    # Our line comes first, before any traceback.
+    assert error_lines[0].rstrip().endswith("invalid run config: dirichlet-alpha=-1.0: must be > 0")
+    assert "[ROUND 1" not in outcome.log
+    assert not (outcome.run_dir / "metrics.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def faulty_run(superlink, tmp_path_factory):
+    """This app with its ClientApp replaced by FAULTY_CLIENT, 3 rounds, min-clients 6."""
+    app = tmp_path_factory.mktemp("faulty_app")
+    shutil.copytree(ROOT / "server_app", app / "server_app")
+    shutil.copytree(ROOT / "configs", app / "configs")
+    (app / "faulty_client.py").write_text(FAULTY_CLIENT)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(
+        pyproject.replace('clientapp = "client_app.app:app"', 'clientapp = "faulty_client:app"'))
+    # Round 1 includes the start of the Ray actors, so the timeout leaves room for it.
+    return simulate({"num-server-rounds": 3, "local-epochs": 1, "round-timeout": 30.0,
+                     "min-clients": 6}, superlink=superlink, app_dir=app,
+                    output_dir=tmp_path_factory.mktemp("faulty"))
+
+
+def test_failing_malformed_and_late_clients_are_left_out(faulty_run):
+    first, second = metrics_lines(faulty_run.run_dir)
+    assert (first["clients_ok"], first["clients_failed"], first["clients_timed_out"]) == (7, 3, 0)
+    assert (second["clients_ok"], second["clients_failed"], second["clients_timed_out"]) == (6, 3, 1)
+    assert "client error" in faulty_run.log and "NaN" in faulty_run.log
+    assert second["accuracy"] > faulty_run.summary["initial_accuracy"] + 0.2
+
+
+def test_too_few_good_clients_stop_the_run_clearly_and_keep_the_results(faulty_run):
+    assert faulty_run.status == "finished:failed"
+    assert "fewer than min-clients=6" in faulty_run.log
+    summary = faulty_run.summary
+    assert summary["status"] == "failed"
+    # Round 3: partitions 0-2, 4 and 5 fail (partition 3 may still be asleep from round 2).
+    assert summary["error"].startswith("round 3: only ") and "min-clients=6" in summary["error"]
+    # The two rounds before are kept, in the summary and in metrics.jsonl.
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert [m["accuracy"] for m in metrics_lines(faulty_run.run_dir)] == \
+        [r["accuracy"] for r in summary["rounds"]]
+
+
+# ---------------------------------------------------------------- Mosaic, compare
+def test_mosaic_runs_its_whole_schedule_with_three_architectures_under_flwr_run(superlink,
+                                                                                tmp_path):
+    outcome = simulate(MOSAIC, superlink=superlink, output_dir=tmp_path)
     assert outcome.completed, outcome.log[-3000:]
     lines = metrics_lines(outcome.run_dir)
-    assert len(lines) == overrides["num-server-rounds"]
-    assert all(line["clients_ok"] == 10 and line["clients_failed"] == 0 for line in lines)
-    assert outcome.summary["final_accuracy"] > 0.1
+    assert [m["phase"] for m in lines] == ["warmup", "distill", "finetune"]
+    assert all(m["clients_ok"] == 10 and m["clients_failed"] == 0 for m in lines)
+    distill = lines[1]  # every client, of every architecture, sent prototypes and a probe head
+    assert distill["num_prototypes"] > 0 and distill["generator_seconds_sum"] > 0
+    # The distilled student is the round's global model, and distillation moved it.
+    assert distill["accuracy"] == distill["student_accuracy_after"]
+    assert distill["student_accuracy_after"] != distill["student_accuracy_before"]
+    assert "[mosaic] distillation step 20/20" in outcome.log
+    assert "[mosaic] meta model epoch 10/10" in outcome.log
+    summary = outcome.summary
+    assert summary["config"]["client-models"] == MOSAIC["client-models"]
+    assert summary["final_accuracy"] > summary["initial_accuracy"]
 
 
-def test_mosaic_with_three_architectures_completes_under_flwr_run(superlink, tmp_path):
-    outcome = simulate({**SHORT_MOSAIC, "global-model": "cnn", "client-models": ARCHITECTURES},
-                       superlink=superlink, output_dir=tmp_path)
-    assert outcome.completed, outcome.log[-3000:]
-    distill = metrics_lines(outcome.run_dir)[1]
-    assert distill["phase"] == "distill" and distill["clients_ok"] == 10
-    for key in ("teacher_accuracy", "ensemble_accuracy", "student_accuracy_after"):
-        assert 0.0 <= distill[key] <= 1.0, key
+def test_compare_writes_one_table_over_methods_and_seeds(tmp_path):
+    out = tmp_path / "cmp"
+    code = cli_main(["compare", "--methods", "fedavg", "fedgen", "--seeds", "0",
+                     "--output-dir", str(out), "-c",
+                     " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}"
+                              for k, v in COMPARE.items())])
+    assert code == 0
+    with (out / "comparison.csv").open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(r["method"], r["seed"], r["status"]) for r in rows] == \
+        [("fedavg", "0", "finished:completed"), ("fedgen", "0", "finished:completed")]
+    report = (out / "comparison.md").read_text()
+    assert "partitions identical across methods for each seed: yes" in report
+    assert "| fedavg | 0.1 |" in report and "| fedgen | 0.1 |" in report
+    assert (out / "comparison.png").stat().st_size > 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["fedavg-seed0", "fedgen-seed0"]
+    for row in rows:
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["strategy"] == row["method"]
+        assert float(row["final_accuracy"]) == summary["final_accuracy"]
+        assert summary["final_accuracy"] > summary["initial_accuracy"]
+    # FedGen (a baseline with a server step) trained its generator in every round.
+    fedgen = metrics_lines(out / "runs" / "fedgen-seed0")
+    assert [m["clients_ok"] for m in fedgen] == [4, 4]
+    assert all(m["generator_loss_last"] < m["generator_loss_first"] for m in fedgen)

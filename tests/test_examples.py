@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from flwr.app import Context, RecordDict
-from inline_grid import InlineGrid
+from harness import InlineGrid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import existing_app  # noqa: E402  pylint: disable=wrong-import-position

@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
-from inline_grid import InlineGrid
+from flwr.app import Array, ArrayRecord
+from harness import BASE, TINY, run_inline
 from torch import nn
 
 from mosaic_flwr.client_models import assign_client_models, client_model_spec, global_model_spec
@@ -21,8 +21,8 @@ from mosaic_flwr.mosaic.experts import expert_weights, mixed_expert_logits, mixt
 from mosaic_flwr.node import NodeSettings
 from mosaic_flwr.records import (LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS,
                                  PROTOTYPES, STATS_RECORD, TASK_RECORD)
-from mosaic_flwr.server import CentralEvaluator
-from mosaic_flwr.strategies import build_strategy
+from mosaic_flwr.strategies import build_strategy, check_strategy
+from mosaic_flwr.submodels import channel_indices
 
 CNN = ModelSpec("cnn")
 
@@ -61,20 +61,26 @@ def test_explicit_mapping_names_every_partition_once():
 
 
 def test_config_checks_models_against_the_strategy():
-    config = RunConfig().replace(strategy="heterofl", model="resnet8", client_models="resnet8@1,resnet8@0.5")
+    def checked(values: dict) -> None:
+        check_strategy(RunConfig.from_mapping(values))
+
+    config = RunConfig.from_mapping({"strategy": "heterofl", "model": "resnet8",
+                                     "client-models": "resnet8@1,resnet8@0.5"})
+    check_strategy(config)
     assert global_model_spec(config) == ModelSpec("resnet8")
     assert {str(client_model_spec(config, p)) for p in range(10)} == {"resnet8@1", "resnet8@0.5"}
     with pytest.raises(ConfigError, match="needs every client to train the global model"):
-        RunConfig().replace(strategy="fedavg", client_models="cnn@1,cnn@0.5")
+        checked({"strategy": "fedavg", "client-models": "cnn@1,cnn@0.5"})
     with pytest.raises(ConfigError, match="width sub-models of the global model cnn@1"):
-        RunConfig().replace(strategy="fedrolex", client_models="cnn,resnet8")
+        checked({"strategy": "fedrolex", "client-models": "cnn,resnet8"})
     with pytest.raises(ConfigError, match="width sub-models"):
-        RunConfig().replace(strategy="heterofl", global_model="cnn@0.5", client_models="cnn@1,cnn@0.5")
+        checked({"strategy": "heterofl", "global-model": "cnn@0.5",
+                 "client-models": "cnn@1,cnn@0.5"})
     with pytest.raises(ConfigError, match="global-model"):
-        RunConfig().replace(global_model="vgg")
-    RunConfig().replace(strategy="mosaic", num_server_rounds=3, mosaic_warmup_rounds=1,
-              global_model="resnet8", client_models="cnn,resnet8,resnet18@0.25")
-    RunConfig().replace(strategy="fedavg", client_models="cnn@1")  # one model for all: homogeneous
+        checked({"global-model": "vgg"})
+    checked({"strategy": "mosaic", "num-server-rounds": 3, "mosaic-warmup-rounds": 1,
+             "global-model": "resnet8", "client-models": "cnn,resnet8,resnet18@0.25"})
+    checked({"strategy": "fedavg", "client-models": "cnn@1"})  # one model for all: homogeneous
 
 
 def test_presets_write_client_models_as_mapping_or_list(tmp_path):
@@ -87,7 +93,7 @@ def test_presets_write_client_models_as_mapping_or_list(tmp_path):
 
 
 def test_node_config_names_its_model():
-    config = RunConfig()
+    config = RunConfig.from_mapping({})
     assert NodeSettings.from_node_config({"partition-id": 0, "model": "resnet8@0.5"},
                                          config).model == "resnet8@0.5"
     with pytest.raises(ValueError, match="node_config model='vgg'"):
@@ -158,106 +164,89 @@ def test_probe_head_mimics_the_local_model_on_global_features():
 
 
 # ------------------------------------------------------------------ strategies, in process
-NUM_CLIENTS = 6
-QUICK = dict(partitioner="dirichlet", dirichlet_alpha=0.5, num_clients=NUM_CLIENTS,
-             min_clients=2, num_server_rounds=2, local_epochs=1)
-WIDTHS = "0-1:cnn@1,2-3:cnn@0.5,4-5:cnn@0.25"
-FAMILIES = "0-1:cnn,2-3:resnet8@0.5,4-5:resnet18@0.25"
-MOSAIC_SHORT = dict(mosaic_warmup_rounds=1, mosaic_finetune_rounds=0, mosaic_generator_steps=3,
-                    mosaic_generator_width=8, mosaic_generator_latent_dim=8, mosaic_meta_epochs=2,
-                    mosaic_meta_dim=16, mosaic_meta_heads=2, mosaic_distill_steps=3,
-                    mosaic_samples_per_generator=4, mosaic_prototypes_per_class=2)
+#: Three architectures over 4 clients: two CNNs (the global model), a ResNet-8 and a ResNet-18.
+FAMILIES = "0-1:cnn,2:resnet8@0.5,3:resnet18@0.25"
 
 
-def run_inline(node_models: dict[int, str] | None = None, **overrides):
-    """A whole run in process; ``node_models`` sets some nodes' ``--node-config model``."""
-    config = RunConfig(**{**QUICK, **overrides})
-    evaluator = CentralEvaluator(config)
-    strategy = build_strategy(config, score_fn=evaluator.score)
-    grid = InlineGrid(NUM_CLIENTS)
-    for node, model in (node_models or {}).items():
-        grid.contexts[node].node_config["model"] = model
-    torch.manual_seed(config.seed)
-    initial = ArrayRecord(global_model_spec(config).build(
-        load_dataset(config.dataset).spec).state_dict())
-    result = strategy.start(grid=grid, initial_arrays=initial,
-                            num_rounds=config.num_server_rounds,
-                            train_config=ConfigRecord(config.to_mapping()))
-    return config, strategy, grid, result
-
-
-def _reply_models(grid: InlineGrid) -> dict[int, str]:
-    return {int(m.content.config_records["client"]["partition-id"]):
-            str(m.content.config_records["client"]["model"]) for m in grid.replies}
+def conv1_average(replies, slicing: str, server_round: int) -> np.ndarray:
+    """Slice-wise average of the replies' first conv layer (32 output channels): each
+    channel over the clients whose sub-model holds it, weighted by their examples."""
+    total, weight = np.zeros((32, 1, 5, 5)), np.zeros(32)
+    for reply in replies:
+        arrays = reply.content["arrays"]["body.0.weight"].numpy().astype(np.float64)
+        examples = float(reply.content["metrics"]["num-examples"])
+        channels = channel_indices(32, arrays.shape[0], slicing, server_round).numpy()
+        total[channels] += examples * arrays
+        weight[channels] += examples
+    return total / weight[:, None, None, None]
 
 
 @pytest.mark.parametrize("strategy", ["heterofl", "fedrolex"])
-def test_width_strategies_train_sub_models_and_average_them_slice_wise(strategy):
-    config, run, grid, result = run_inline(strategy=strategy, client_models=WIDTHS)
-    assert _reply_models(grid) == {0: "cnn@1", 1: "cnn@1", 2: "cnn@0.5", 3: "cnn@0.5",
-                                   4: "cnn@0.25", 5: "cnn@0.25"}
-    quarter = [m for m in grid.replies if m.content.config_records["client"]["model"] == "cnn@0.25"]
+def test_width_strategies_train_sub_models_and_average_them_slice_wise(strategy, tiny_run):
+    run = tiny_run(strategy)
+    assert run.reply_models() == {0: "cnn@1", 1: "cnn@1", 2: "cnn@0.5", 3: "cnn@0.25"}
+    quarter = [m for _, m in run.exchanges()
+               if m.content.config_records["client"]["model"] == "cnn@0.25"]
     assert tuple(quarter[0].content["arrays"]["body.0.weight"].shape) == (8, 1, 5, 5)
-    for msg in grid.sent:  # every client gets the full global model and the slicing rule
+    for msg in run.grid.sent:  # every client gets the full global model and the slicing rule
         assert tuple(msg.content["arrays"]["body.0.weight"].shape) == (32, 1, 5, 5)
-        assert msg.content[TASK_RECORD]["slicing"] == run.SLICING
-    assert all(run.round_stats[r]["clients_ok"] == NUM_CLIENTS for r in (1, 2))
-    final = result.arrays.to_torch_state_dict()
-    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
-    assert run.group_arrays == {}  # width sub-models never form groups
+        assert msg.content[TASK_RECORD]["slicing"] == run.strategy.SLICING
+    assert all(run.round_stats[r]["clients_ok"] == 4 for r in (1, 2))
+    final = run.result.arrays.to_torch_state_dict()["body.0.weight"].double().numpy()
+    expected = conv1_average(run.replies_in_round(2), run.strategy.SLICING, 2)
+    assert np.allclose(final, expected, atol=1e-6)
+    assert run.strategy.group_arrays == {}  # width sub-models never form groups
 
 
 def test_mosaic_combines_three_architectures_through_probe_heads():
-    config, run, grid, result = run_inline(strategy="mosaic", global_model="cnn",
-                                           client_models=FAMILIES, **MOSAIC_SHORT)
-    assert set(_reply_models(grid).values()) == {"cnn@1", "resnet8@0.5", "resnet18@0.25"}
-    stats = [m.content[STATS_RECORD] for m in grid.replies if STATS_RECORD in m.content]
-    assert len(stats) == NUM_CLIENTS and all(PROBE_WEIGHT in s for s in stats)
-    assert set(run.group_arrays) == {"resnet8@0.5", "resnet18@0.25"}
-    round2 = [m for m in grid.sent if m.content["config"]["server-round"] == 2]
+    run = run_inline({**TINY["mosaic"], "num-server-rounds": 2, "mosaic-finetune-rounds": 0,
+                      "global-model": "cnn", "client-models": FAMILIES})
+    assert run.reply_models() == {0: "cnn@1", 1: "cnn@1", 2: "resnet8@0.5", 3: "resnet18@0.25"}
+    stats = [m.content[STATS_RECORD] for m in run.grid.replies if STATS_RECORD in m.content]
+    assert len(stats) == 4 and all(PROBE_WEIGHT in s for s in stats)
+    assert set(run.strategy.group_arrays) == {"resnet8@0.5", "resnet18@0.25"}
+    round2 = run.sent_in_round(2)
     sent_models = {m.metadata.dst_node_id: m.content[TASK_RECORD]["arrays-model"] for m in round2}
-    assert sent_models == {1: "cnn@1", 2: "cnn@1", 3: "resnet8@0.5", 4: "resnet8@0.5",
-                           5: "resnet18@0.25", 6: "resnet18@0.25"}
+    assert sent_models == {1: "cnn@1", 2: "cnn@1", 3: "resnet8@0.5", 4: "resnet18@0.25"}
     # Nodes of other architectures also get the global model for their prototypes.
     assert all(("global-model" in m.content) == (m.metadata.dst_node_id > 2) for m in round2)
     step = run.round_stats[2]
-    assert step["phase"] == "distill" and step["clients_ok"] == NUM_CLIENTS
-    assert 0.0 <= step["teacher_accuracy"] <= 1.0 and "student_accuracy_after" in step
+    assert step["phase"] == "distill" and step["clients_ok"] == 4
+    assert step["num_prototypes"] == sum(len(s[PROTOTYPES].numpy()) for s in stats)
+    assert step["student_accuracy_after"] == run.accuracies[2]
+    assert step["distill_loss_last"] != step["distill_loss_first"]
 
 
 @pytest.mark.parametrize("strategy", ["dense", "feddf"])
 def test_ensemble_baselines_distil_clients_of_three_architectures(strategy):
-    extra = {"dense_epochs": 1, "dense_generator_steps": 2, "dense_synthesis_batch_size": 8,
-             "dense_latent_dim": 8, "dense_generator_width": 8} \
-        if strategy == "dense" else {"feddf_steps": 3, "feddf_inputs": "generators",
-                                     "mosaic_generator_steps": 2, "mosaic_generator_width": 8,
-                                     "mosaic_generator_latent_dim": 8}
-    _, run, grid, _ = run_inline(strategy=strategy, global_model="cnn", client_models=FAMILIES,
-                                 **extra)
-    assert set(_reply_models(grid).values()) == {"cnn@1", "resnet8@0.5", "resnet18@0.25"}
-    last = max(run.round_stats)
-    assert run.round_stats[last]["clients_ok"] == NUM_CLIENTS
-    assert 0.0 <= run.round_stats[last]["ensemble_accuracy"] <= 1.0
+    run = run_inline({**TINY[strategy], "num-server-rounds": 1, "global-model": "cnn",
+                      "client-models": FAMILIES})
+    assert run.reply_models() == {0: "cnn@1", 1: "cnn@1", 2: "resnet8@0.5", 3: "resnet18@0.25"}
+    assert run.round_stats[1]["clients_ok"] == 4
+    # The distilled student is the new global model.
+    assert run.round_stats[1]["student_accuracy_after"] == run.accuracies[1]
+    initial = run.sent_in_round(1)[0].content["arrays"].to_torch_state_dict()
+    final = run.result.arrays.to_torch_state_dict()
+    assert any(not torch.equal(initial[k], final[k]) for k in final)
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedftg"])
 def test_a_strategy_without_mixing_leaves_out_a_node_of_another_model(name, caplog):
-    _, strategy, _, _ = run_inline({1: "resnet8"}, num_server_rounds=1, strategy=name,
-                                   fedftg_iterations=1, fedftg_distill_steps=1,
-                                   fedftg_batch_size=8)
-    assert strategy.round_stats[1]["clients_ok"] == NUM_CLIENTS - 1
-    assert strategy.round_stats[1]["clients_failed"] == 1
+    run = run_inline({**TINY[name], "num-server-rounds": 1, "fedftg-iterations": 1,
+                      "fedftg-distill-steps": 1, "fedftg-batch-size": 8}, {1: "resnet8"})
+    assert run.round_stats[1]["clients_ok"] == 3
+    assert run.round_stats[1]["clients_failed"] == 1
     reason = ("needs every client to train the global model cnn@1" if name == "fedftg"
               else "array names differ from the global model")
     assert reason in caplog.text
 
 
 def test_local_only_trains_each_client_model_alone():
-    config = RunConfig(**{**QUICK, "num_server_rounds": 1, "client_models": FAMILIES})
+    config = RunConfig.from_mapping({**BASE, "num-server-rounds": 1, "client-models": FAMILIES})
     rows = local_only(config)
-    assert [r["model"] for r in rows] == ["cnn@1", "cnn@1", "resnet8@0.5", "resnet8@0.5",
-                                          "resnet18@0.25", "resnet18@0.25"]
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert [r["model"] for r in rows] == ["cnn@1", "cnn@1", "resnet8@0.5", "resnet18@0.25"]
+    assert sum(r["num-examples"] for r in rows) == len(load_dataset("digits").train_labels)
+    assert local_only(config) == rows  # seeded: the same numbers again
     summary = summarise(rows + [{**r, "seed": 1, "accuracy": r["accuracy"] / 2} for r in rows])
     cnn = [r["accuracy"] for r in rows if r["model"] == "cnn@1"]
     mean = np.mean(cnn)
@@ -267,31 +256,35 @@ def test_local_only_trains_each_client_model_alone():
 
 
 def test_probe_heads_are_required_from_other_models_and_checked():
-    strategy = build_strategy(RunConfig().replace(
-        strategy="mosaic", num_server_rounds=3, mosaic_warmup_rounds=1, client_models="cnn,resnet8"))
+    strategy = build_strategy(RunConfig.from_mapping({
+        "strategy": "mosaic", "num-server-rounds": 3, "mosaic-warmup-rounds": 1,
+        "client-models": "cnn,resnet8"}))
     base = {LABEL_COUNTS: Array(np.arange(10, dtype=np.int64)),
             PROTOTYPES: Array(np.ones((2, 512), dtype=np.float32)),
             PROTOTYPE_LABELS: Array(np.array([0, 1], dtype=np.int64))}
-    assert strategy.stats_problem(ArrayRecord(base), prototypes=True) == ""
-    assert "probe-bias, probe-weight" in strategy.stats_problem(ArrayRecord(base), True, probe=True)
+    distill = strategy.task_for(2)  # the distillation round: prototypes are uploaded
+
+    def problem(stats: dict, model: str) -> str:
+        return strategy.stats_problem(ArrayRecord(stats), distill, model)
+    assert problem(base, "cnn@1") == ""
+    assert "probe-bias, probe-weight" in problem(base, "resnet8@1")
     probe = {PROBE_WEIGHT: Array(np.zeros((10, 512), dtype=np.float32)),
              PROBE_BIAS: Array(np.zeros(10, dtype=np.float32))}
-    assert strategy.stats_problem(ArrayRecord({**base, **probe}), True, probe=True) == ""
+    assert problem({**base, **probe}, "resnet8@1") == ""
     narrow = {**probe, PROBE_WEIGHT: Array(np.zeros((10, 64), dtype=np.float32))}
-    assert "shaped (10, 512)" in strategy.stats_problem(ArrayRecord({**base, **narrow}), True)
+    assert "shaped (10, 512)" in problem({**base, **narrow}, "cnn@1")
 
 
 def test_a_node_config_model_joins_a_width_strategy_without_client_models():
-    _, strategy, grid, result = run_inline({1: "cnn@0.5"}, num_server_rounds=1,
-                                           strategy="heterofl")
-    assert strategy.round_stats[1]["clients_ok"] == NUM_CLIENTS
-    assert _reply_models(grid)[0] == "cnn@0.5" and set(_reply_models(grid).values()) == {
-        "cnn@0.5", "cnn@1"}
-    # conv1's first 16 of 32 channels are averaged over all 6 clients, the rest over the
-    # 5 full-width ones, each weighted by its number of examples.
-    final = result.arrays.to_torch_state_dict()["body.0.weight"].double()
-    weights = {m.content.config_records["client"]["model"]: [] for m in grid.replies}
-    for msg in grid.replies:
+    run = run_inline({**TINY["heterofl"], "num-server-rounds": 1, "client-models": ""},
+                     {1: "cnn@0.5"})
+    assert run.round_stats[1]["clients_ok"] == 4
+    assert run.reply_models() == {0: "cnn@0.5", 1: "cnn@1", 2: "cnn@1", 3: "cnn@1"}
+    # conv1's first 16 of 32 channels are averaged over all 4 clients, the rest over the
+    # 3 full-width ones, each weighted by its number of examples.
+    final = run.result.arrays.to_torch_state_dict()["body.0.weight"].double()
+    weights = {m.content.config_records["client"]["model"]: [] for m in run.grid.replies}
+    for msg in run.grid.replies:
         weights[msg.content.config_records["client"]["model"]].append(
             (float(msg.content["metrics"]["num-examples"]),
              msg.content["arrays"]["body.0.weight"].numpy()))

@@ -9,7 +9,7 @@ from mosaic_flwr.node import NodeSettings
 
 
 def test_node_settings_override_device_and_threads_and_log(tmp_path):
-    config = RunConfig(num_clients=3, device="auto", num_threads=1)
+    config = RunConfig.from_mapping({"num-clients": 3, "device": "auto", "num-threads": 1})
     node = NodeSettings.from_node_config(
         {"partition-id": 2, "num-partitions": 3, "device": "cpu", "num-threads": 4,
          "log-dir": str(tmp_path / "logs")}, config)
@@ -24,7 +24,7 @@ def test_node_settings_override_device_and_threads_and_log(tmp_path):
 
 
 def test_node_settings_without_overrides_keep_the_run_config():
-    config = RunConfig(num_clients=3)
+    config = RunConfig.from_mapping({"num-clients": 3})
     node = NodeSettings.from_node_config({"partition-id": 0}, config)
     assert node.apply(config) is config
     node.log({"message": "train"})  # no log-dir: nothing written, no error
@@ -41,5 +41,5 @@ def test_node_settings_without_overrides_keep_the_run_config():
 ])
 def test_bad_node_config_is_refused_clearly(node, needle):
     with pytest.raises(ValueError, match=None) as err:
-        NodeSettings.from_node_config(node, RunConfig(num_clients=3))
+        NodeSettings.from_node_config(node, RunConfig.from_mapping({"num-clients": 3}))
     assert needle in str(err.value)

@@ -8,9 +8,9 @@ from mosaic_flwr.config import RunConfig
 from mosaic_flwr.results import RunRecorder, make_run_dir
 
 
-def record_three_rounds(tmp_path, **config_changes):
-    config = RunConfig(output_dir=str(tmp_path), run_name="r", num_server_rounds=3,
-                       **config_changes)
+def record_three_rounds(tmp_path, **changes):
+    config = RunConfig.from_mapping({"output-dir": str(tmp_path), "run-name": "r",
+                                     "num-server-rounds": 3, **changes})
     recorder = RunRecorder(make_run_dir(config), config)
     recorder.write_partitions(np.array([[3, 0], [1, 2]]), config.partitioner)
     recorder.on_initial(0.1, 2.3)

@@ -1,13 +1,17 @@
-"""Reply screening: bad replies are left out, good ones averaged in partition order."""
+"""Reply screening: bad replies are left out, good ones averaged in partition order;
+every registered strategy runs (tests/harness.py)."""
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from harness import TINY
 
 from mosaic_flwr.config import RunConfig
-from mosaic_flwr.strategies import (
-    CLIENT_RECORD, NotEnoughRepliesError, TolerantFedAvg, build_strategy, screen_replies,
-    train_reply_problem)
+from mosaic_flwr.aggregation import TolerantFedAvg, screen_replies, train_reply_problem
+from mosaic_flwr.errors import NotEnoughRepliesError
+from mosaic_flwr.records import CLIENT_RECORD
+from mosaic_flwr.strategies import STRATEGIES, build_strategy
 
 EXPECTED = {"w": ((2,), "float32"), "b": ((1,), "float32")}
 
@@ -83,7 +87,27 @@ def test_too_few_usable_replies_stop_the_run_with_a_clear_error(strategy):
 
 
 def test_registry_builds_fedprox_with_the_configured_mu():
-    strategy = build_strategy(RunConfig(strategy="fedprox", proximal_mu=0.3, min_clients=4))
+    strategy = build_strategy(RunConfig.from_mapping({"strategy": "fedprox", "proximal-mu": 0.3,
+                                                      "min-clients": 4}))
     assert strategy.proximal_mu == 0.3
     assert strategy.min_replies == 4
     assert strategy.min_available_nodes == 4
+
+
+def test_every_tiny_configuration_names_its_strategy():
+    assert set(TINY) == set(STRATEGIES)
+    assert all(overrides["strategy"] == name for name, overrides in TINY.items())
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_registered_strategy_completes_a_tiny_run_and_changes_the_model(name, tiny_run):
+    run = tiny_run(name)
+    rounds = sorted(run.round_stats)
+    assert rounds == list(range(1, len(rounds) + 1)) and rounds
+    assert all(run.round_stats[r]["clients_ok"] == run.config.num_clients for r in rounds)
+    assert len(run.accuracies) == len(rounds) + 1  # round 0 (untrained) and every round
+    assert run.accuracies[-1] > run.accuracies[0]
+    initial = run.sent_in_round(1)[0].content["arrays"].to_torch_state_dict()
+    final = run.result.arrays.to_torch_state_dict()
+    assert initial.keys() == final.keys()
+    assert all(not torch.equal(initial[k], final[k]) for k in final if final[k].is_floating_point())
