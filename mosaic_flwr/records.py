@@ -13,12 +13,9 @@ Reply records:
 - ``client`` (ConfigRecord): the sender's ``partition-id`` and ``model``
   (``name@width``, the architecture of its ``arrays``);
 - ``generator`` (ArrayRecord): the client's image generator, when asked;
-- ``stats`` (ArrayRecord): ``label-counts`` (per class), and with them
-  ``prototypes`` (k-means feature centres) and ``prototype-labels`` (the class
-  of each centre) when prototypes are asked for, and ``probe-weight`` and
-  ``probe-bias``: a linear head on the global model's features that mimics the
-  client's trained model (how Mosaic's meta model sees a client whose
-  architecture differs from the global model's).
+- ``stats`` (ArrayRecord): ``label-counts`` (per class), and whatever else a
+  method's client part adds (Mosaic's prototypes and probe head, named in
+  :mod:`mosaic_flwr.mosaic.client`).
 
 An instruction may carry a ``generator`` ArrayRecord too: the server's generator
 that a client's local objective uses (FedGen); and a ``global-model``
@@ -38,13 +35,7 @@ CLIENT_RECORD = "client"
 TASK_RECORD = "task"
 GENERATOR_RECORD = "generator"
 STATS_RECORD = "stats"
-#: Name of the node-state record that keeps a client's last trained model.
-LOCAL_MODEL_RECORD = "local-model"
 LABEL_COUNTS = "label-counts"
-PROTOTYPES = "prototypes"
-PROTOTYPE_LABELS = "prototype-labels"
-PROBE_WEIGHT = "probe-weight"
-PROBE_BIAS = "probe-bias"
 GLOBAL_MODEL_RECORD = "global-model"
 
 #: Prefix of the task keys that carry the strategy's client-side settings.

@@ -12,7 +12,7 @@ from harness import TINY, partition_id, run_inline
 from torch import nn
 
 from mosaic_flwr.baselines.dense import DenseSettings, Synthesizer, adversarial_loss
-from mosaic_flwr.baselines.fedcog import (complementary_counts, js_agreement,
+from mosaic_flwr.baselines.fedcog import (LOCAL_MODEL_RECORD, complementary_counts, js_agreement,
                                           synthesize_complementary)
 from mosaic_flwr.baselines.fedftg import FedFTGStrategy, disagreement, generator_loss
 from mosaic_flwr.baselines.fedgen import FeatureGenerator, teacher_loss, train_feature_generator
@@ -25,7 +25,7 @@ from mosaic_flwr.kd.ensemble import (classwise_probabilities, head_logits, label
                                      pairwise_diversity_loss, soft_cross_entropy)
 from mosaic_flwr.kd.generator import ImageGenerator
 from mosaic_flwr.models import build_model
-from mosaic_flwr.records import GENERATOR_RECORD, LOCAL_MODEL_RECORD, STATS_RECORD, TASK_RECORD
+from mosaic_flwr.records import GENERATOR_RECORD, STATS_RECORD, TASK_RECORD
 from mosaic_flwr.training import TrainSettings, train
 
 DIGITS = DATASETS["digits"]

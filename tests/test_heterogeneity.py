@@ -16,11 +16,11 @@ from mosaic_flwr.config import ConfigError, RunConfig, load_preset
 from mosaic_flwr.data import load_dataset
 from mosaic_flwr.local_only import local_only, summarise
 from mosaic_flwr.models import ModelSpec
-from mosaic_flwr.mosaic.client import probe_head
+from mosaic_flwr.mosaic.client import (PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES,
+                                       probe_head)
 from mosaic_flwr.mosaic.experts import expert_weights, mixed_expert_logits, mixture_log_probs
 from mosaic_flwr.node import NodeSettings
-from mosaic_flwr.records import (LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS,
-                                 PROTOTYPES, STATS_RECORD, TASK_RECORD)
+from mosaic_flwr.records import LABEL_COUNTS, STATS_RECORD, TASK_RECORD
 from mosaic_flwr.strategies import build_strategy, check_strategy
 from mosaic_flwr.submodels import channel_indices
 

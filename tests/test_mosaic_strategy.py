@@ -16,9 +16,9 @@ from mosaic_flwr.data.augment import BatchTransform
 from mosaic_flwr.errors import NotEnoughRepliesError
 from mosaic_flwr.kd.generator import ImageGenerator
 from mosaic_flwr.models import build_model
-from mosaic_flwr.mosaic.client import extract_features
-from mosaic_flwr.records import (GENERATOR_RECORD, LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT,
-                                 PROTOTYPE_LABELS, PROTOTYPES, STATS_RECORD, TASK_RECORD)
+from mosaic_flwr.mosaic.client import (PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES,
+                                       extract_features)
+from mosaic_flwr.records import GENERATOR_RECORD, LABEL_COUNTS, STATS_RECORD, TASK_RECORD
 from mosaic_flwr.server import CentralEvaluator
 from mosaic_flwr.strategies import build_strategy
 

@@ -31,13 +31,16 @@ from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn import functional as F
 
+from ..client_part import ClientPart, ClientWork
 from ..config import RunConfig
 from ..models import Classifier
-from ..records import LOCAL_MODEL_RECORD, TrainTask
+from ..records import TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
-from ..client_part import ClientPart, ClientWork
 from ..training import Regulariser
 from .settings import FedCOGSettings
+
+#: The node-state record that keeps a client's last trained model (it never leaves the node).
+LOCAL_MODEL_RECORD = "local-model"
 
 
 def complementary_counts(label_counts: torch.Tensor, num_samples: int) -> torch.Tensor:

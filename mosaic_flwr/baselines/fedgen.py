@@ -24,12 +24,12 @@ from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn import functional as F
 
+from ..client_part import ClientPart, ClientWork
 from ..config import RunConfig
 from ..kd.ensemble import head_logits, pairwise_diversity_loss
 from ..models import Classifier
 from ..records import GENERATOR_RECORD, ClientUpload, TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
-from ..client_part import ClientPart, ClientWork
 from ..training import Regulariser
 from .settings import FedGenSettings
 

@@ -18,10 +18,19 @@ from torch import nn
 
 from ..client_part import ClientPart, ClientWork
 from ..data.augment import BatchTransform
-from ..records import (LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES,
-                       STATS_RECORD, label_counts_array)
+from ..records import LABEL_COUNTS, STATS_RECORD, label_counts_array
 from .prototypes import prototype_centres
 from .settings import MosaicSettings
+
+# Mosaic's uploads in the ``stats`` record, next to ``label-counts``:
+#: k-means centres of the global model's features, (P, D) float32;
+PROTOTYPES = "prototypes"
+#: the class of each centre, (P,) int64;
+PROTOTYPE_LABELS = "prototype-labels"
+#: a linear head on global-model features that mimics the client's trained model,
+#: (C, D) and (C,) float32: how the meta model sees a client of another architecture.
+PROBE_WEIGHT = "probe-weight"
+PROBE_BIAS = "probe-bias"
 
 
 @torch.no_grad()

@@ -39,9 +39,9 @@ from ..kd.distill import DistillWeights, distill_into
 from ..kd.ensemble import head_logits
 from ..kd.generator import build_generator
 from ..models import Classifier
-from ..records import (LABEL_COUNTS, PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES,
-                       ClientUpload, TrainTask)
+from ..records import LABEL_COUNTS, ClientUpload, TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
+from .client import PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES
 from .experts import (class_experts, ensemble_logits, expert_logits, expert_weights,
                       mixed_expert_logits, mixture_log_probs)
 from .meta import MetaModel, train_meta_model
