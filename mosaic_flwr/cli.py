@@ -13,9 +13,6 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-#: The Flower app folder (``pyproject.toml`` with the ServerApp and ClientApp).
-APP_DIR = Path(__file__).resolve().parent.parent
-
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mosaic-flwr`` command."""
@@ -30,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--cpus-per-client", type=int, default=1)
     sim.add_argument("--gpus-per-client", type=float, default=0.0,
                      help="fraction of a GPU per virtual client, e.g. 0.25 (needs CUDA)")
-    sim.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder")
+    sim.add_argument("--app", type=Path, default=None,
+                     help="Flower app folder (default: this project's)")
     cmp_ = sub.add_parser("compare", help="run several methods over seeds (and alphas) and "
                                           "write comparison.md/.csv/.png")
     cmp_.add_argument("--methods", nargs="+", default=["fedavg", "mosaic"],
@@ -61,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     # Imported per command, so that --help needs none of it.
-    from .simulation import parse_overrides, simulate  # pylint: disable=import-outside-toplevel
+    from .simulation import APP_DIR, parse_overrides, simulate  # pylint: disable=import-outside-toplevel
 
     try:
-        outcome = simulate(parse_overrides(args.run_config), app_dir=args.app,
+        outcome = simulate(parse_overrides(args.run_config), app_dir=args.app or APP_DIR,
                            output_dir=args.output_dir, cpus_per_client=args.cpus_per_client,
                            gpus_per_client=args.gpus_per_client, stream=True)
     except ConfigError as err:
@@ -123,7 +121,6 @@ def _local_only(args: argparse.Namespace) -> int:
         print(f"| {model} | {mean:.4f} ± {spread:.4f} | {count} |")
     print(f"rows: {(args.output_dir / 'local-only.csv').resolve()}")
     return 0
-
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ training says so in the message's ``task`` record
 (:class:`~mosaic_flwr.records.TrainTask`): a scaled learning rate, other epochs,
 and the method parts to run around local training (:func:`client_parts`: a
 local objective for FedGen or FedCOG, label counts, Mosaic's prototypes, a
-trained generator), each in its method's module. Only model weights, label counts, prototypes (k-means centres), a
-linear probe head, generator weights and aggregate metrics leave the client.
+trained generator), each in its method's module. Only model weights, label
+counts, prototypes (k-means centres), a linear probe head, generator weights
+and aggregate metrics leave the client.
 """
 
 from __future__ import annotations

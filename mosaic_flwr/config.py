@@ -105,9 +105,14 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
 
     # ------------------------------------------------------------------ building
     @classmethod
+    def core_fields(cls) -> list[dataclasses.Field]:
+        """The core fields (every field but the method sections), in declaration order."""
+        return [f for f in fields(cls) if f.name not in cls.SECTIONS]
+
+    @classmethod
     def core_keys(cls) -> list[str]:
         """Run-config keys of the core fields, in declaration order."""
-        return [_key(f.name) for f in fields(cls) if f.name not in cls.SECTIONS]
+        return [_key(f.name) for f in cls.core_fields()]
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -122,8 +127,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         ``validate=False`` is for values that were validated already (a client
         rebuilding the config the server checked).
         """
-        core = {f.name: f for f in fields(cls) if f.name not in cls.SECTIONS}
-        by_key = {_key(name): f for name, f in core.items()}
+        by_key = {_key(f.name): f for f in cls.core_fields()}
         section_fields = {settings.key(f.name): (prefix, f)
                           for prefix, settings in cls.SECTIONS.items()
                           for f in fields(settings)}  # type: ignore[arg-type]
@@ -155,8 +159,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
 
     def core_mapping(self) -> dict[str, Any]:
         """The core keys only (what a client needs; each method sends its own settings)."""
-        return {_key(f.name): getattr(self, f.name) for f in fields(self)
-                if f.name not in self.SECTIONS}
+        return {_key(f.name): getattr(self, f.name) for f in self.core_fields()}
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A validated copy with some fields changed (a section is replaced whole)."""

@@ -22,10 +22,24 @@ from typing import Any, ClassVar, Mapping, TypeVar
 
 from .errors import ConfigError
 
-T = TypeVar("T", bound="MethodSettings")
+T = TypeVar("T", bound="Settings")
 
 
-class MethodSettings:
+class Settings:
+    """Mixin for a frozen dataclass of settings that travel to clients as ``{field: value}``."""
+
+    @classmethod
+    def from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
+        """Settings from ``{field: value}`` (as they travel to clients); unknown names ignored."""
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in values.items() if k in names})  # type: ignore[call-arg]
+
+    def to_mapping(self) -> dict[str, Any]:
+        """``{field: value}``, plain values only (fits a Flower ConfigRecord)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+class MethodSettings(Settings):
     """Mixin for a frozen dataclass of one method's hyper-parameters."""
 
     PREFIX: ClassVar[str] = ""
@@ -38,23 +52,6 @@ class MethodSettings:
     def key(cls, name: str) -> str:
         """The run-config key of field ``name``."""
         return f"{cls.PREFIX}-{name.replace('_', '-')}"
-
-    @classmethod
-    def from_config(cls: type[T], config: Any) -> T:
-        """This method's section of a :class:`~mosaic_flwr.config.RunConfig`."""
-        section = getattr(config, cls.PREFIX)
-        assert isinstance(section, cls)
-        return section
-
-    @classmethod
-    def from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
-        """Settings from ``{field: value}`` (as they travel to clients); unknown names ignored."""
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in values.items() if k in names})  # type: ignore[call-arg]
-
-    def to_mapping(self) -> dict[str, Any]:
-        """``{field: value}``, plain values only (fits a Flower ConfigRecord)."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     def check_run(self, config: Any) -> None:
         """Raise ``ConfigError`` when the rest of the run config cannot host this method

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Callable, ClassVar
 
 import torch
-
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from .aggregation import array_signature, average_arrays

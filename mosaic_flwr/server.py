@@ -20,8 +20,8 @@ from flwr.supercore import log
 
 from .client_models import global_model_spec
 from .config import RunConfig, resolve_run_config
-from .errors import ConfigError, DatasetUnavailableError, FederationTooSmallError
 from .data import BatchTransform, label_counts, load_dataset, partitions_for
+from .errors import ConfigError, DatasetUnavailableError, FederationTooSmallError
 from .results import RunRecorder, make_run_dir
 from .strategies import build_strategy, check_strategy
 from .training import evaluate, evaluate_predictor, select_device

@@ -160,7 +160,7 @@ class DenseStrategy(TaskStrategy):
         """The strategy for a run config; clients train ``local-epochs x num-server-rounds``
         epochs unless ``dense-local-epochs`` says otherwise."""
         spec = DATASETS[config.dataset]
-        settings = DenseSettings.from_config(config)
+        settings = config.dense
         epochs = settings.local_epochs or config.local_epochs * config.num_server_rounds
         return cls(model_fn_for(config),
                    lambda: ImageGenerator(spec, settings.latent_dim, settings.generator_width),

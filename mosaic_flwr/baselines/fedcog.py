@@ -101,7 +101,7 @@ class FedCOGStrategy(TaskStrategy):
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
                     **kwargs) -> "FedCOGStrategy":
         """The strategy for a run config."""
-        return cls(model_fn_for(config), FedCOGSettings.from_config(config),
+        return cls(model_fn_for(config), config.fedcog,
                    **server_options(config, score_fn), **kwargs)
 
     def task_for(self, server_round: int) -> TrainTask:

@@ -79,7 +79,7 @@ class FedDFStrategy(TaskStrategy):
                     **kwargs) -> "FedDFStrategy":
         """The strategy for a run config (loads the proxy split for ``inputs='proxy'``)."""
         spec = DATASETS[config.dataset]
-        settings = FedDFSettings.from_config(config)
+        settings = config.feddf
         proxy = None
         if settings.inputs == "proxy":
             images = load_dataset(config.dataset, config.data_path).train_images

@@ -134,7 +134,7 @@ class FedFTGStrategy(TaskStrategy):
                     **kwargs) -> "FedFTGStrategy":
         """The strategy for a run config."""
         spec = DATASETS[config.dataset]
-        settings = FedFTGSettings.from_config(config)
+        settings = config.fedftg
         return cls(model_fn_for(config),
                    lambda: ImageGenerator(spec, settings.latent_dim, settings.generator_width,
                                           spec.num_classes),

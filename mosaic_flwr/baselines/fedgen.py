@@ -127,7 +127,7 @@ class FedGenStrategy(TaskStrategy):
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
                     **kwargs) -> "FedGenStrategy":
         """The strategy for a run config."""
-        return cls(model_fn_for(config), FedGenSettings.from_config(config),
+        return cls(model_fn_for(config), config.fedgen,
                    **server_options(config, score_fn), **kwargs)
 
     def task_for(self, server_round: int) -> TrainTask:

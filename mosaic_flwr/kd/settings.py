@@ -5,18 +5,18 @@ Torch-free on purpose: :class:`~mosaic_flwr.mosaic.settings.MosaicSettings` and
 their keys are ``mosaic-generator-steps`` and ``feddf-generator-steps``), and
 the run config imports them without loading torch. The ``task`` record a
 strategy sends (its settings as ``{field: value}``) reads back with
-:meth:`GeneratorSettings.from_mapping`.
+``GeneratorSettings.from_mapping``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+
+from ..method_settings import Settings
 
 
 @dataclass(frozen=True)
-class GeneratorSettings:  # pylint: disable=too-many-instance-attributes
+class GeneratorSettings(Settings):  # pylint: disable=too-many-instance-attributes
     """A client generator's shape and training (reference: DCGAN, z = 100, ngf = 64,
     Adam 2e-4, betas 0.5/0.999); see :func:`mosaic_flwr.kd.generator.train_generator`."""
 
@@ -30,17 +30,6 @@ class GeneratorSettings:  # pylint: disable=too-many-instance-attributes
     diversity_weight: float = 1.0
     inversion_weight: float = 1.0
     inversion_max_samples: int = 1000  # clients with fewer samples add the BN inversion term
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "GeneratorSettings":
-        """Settings from ``{field: value}`` (a method's settings, as they travel to
-        clients); unknown names are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def to_mapping(self) -> dict[str, Any]:
-        """``{field: value}``, plain values only (fits a Flower ConfigRecord)."""
-        return dataclasses.asdict(self)
 
     @property
     def generator(self) -> GeneratorSettings:

@@ -101,7 +101,7 @@ class MosaicStrategy(TaskStrategy):
                     **kwargs) -> "MosaicStrategy":
         """The strategy for a run config: its data set, model, generator and settings."""
         spec = DATASETS[config.dataset]
-        settings = MosaicSettings.from_config(config)
+        settings = config.mosaic
         return cls(model_fn_for(config), lambda: build_generator(spec, settings.generator), settings,
                    **server_options(config, score_fn), **kwargs)
 
