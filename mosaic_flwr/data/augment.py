@@ -11,8 +11,18 @@ import torch
 from .datasets import DatasetSpec
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Images as float in [0, 1]: uint8 pixels are divided by 255, floats pass through."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    return images
+
+
 class BatchTransform:
-    """Random crop with zero padding, optional horizontal flip, then normalisation."""
+    """Random crop with zero padding, optional horizontal flip, then normalisation.
+
+    Takes uint8 pixels or float images in [0, 1] (see :func:`to_unit`).
+    """
 
     def __init__(self, spec: DatasetSpec, device: torch.device | str = "cpu") -> None:
         self.padding = spec.crop_padding
@@ -21,11 +31,11 @@ class BatchTransform:
         self.std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """Map [0, 1] images into the classifier's input space."""
-        return (images - self.mean) / self.std
+        """Map images (uint8 or [0, 1]) into the classifier's input space."""
+        return (to_unit(images) - self.mean) / self.std
 
     def augment(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Randomly crop (after padding) and flip a batch of [0, 1] images."""
+        """Randomly crop (after padding) and flip a batch of images (any dtype)."""
         batch, _, height, width = images.shape
         device = images.device
         if self.padding > 0:

@@ -1,8 +1,10 @@
 """The dataset registry: what each data set is, and how to load it into memory.
 
-Every data set is held as :class:`ImageData`: float32 images in ``[0, 1]``
-(N, C, H, W) and int64 labels, with a fixed train/test split. Normalisation and
-augmentation happen later, batched on the training device
+Every data set is held as :class:`ImageData`: images (N, C, H, W), as 8-bit
+pixels (uint8, 0..255: a quarter of float32's memory in every process that
+holds them) or as float32 in ``[0, 1]`` (``digits``, whose 17 grey levels are
+not bytes), and int64 labels, with a fixed train/test split. Conversion to
+float, normalisation and augmentation happen per batch on the training device
 (:mod:`mosaic_flwr.data.augment`).
 
 ``digits`` ships with scikit-learn and works offline everywhere. The others load
@@ -14,6 +16,7 @@ files, or an imagefolder tree.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +75,8 @@ DIGITS_TEST_FRACTION = 0.2
 
 @dataclass(frozen=True)
 class ImageData:
-    """A data set in memory: images in [0, 1], shape (N, C, H, W); int64 labels."""
+    """A data set in memory: images (N, C, H, W), uint8 pixels or float32 in [0, 1]
+    (:func:`mosaic_flwr.data.augment.to_unit` reads both); int64 labels."""
 
     spec: DatasetSpec
     train_images: np.ndarray
@@ -94,12 +98,29 @@ def load_dataset(name: str, data_path: str = "") -> ImageData:
     return ImageData(spec, *_to_arrays(spec, splits["train"]), *_to_arrays(spec, splits["test"]))
 
 
-def _load_digits(spec: DatasetSpec) -> ImageData:
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits as (N, 8, 8) pixels 0..16 and labels.
+
+    Read straight from the CSV that scikit-learn ships (what ``load_digits``
+    reads): importing scikit-learn costs 1.7 s in the ServerApp and in every
+    Ray actor of every run, reading the file 0.01 s.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
 
     bunch = load_digits()
-    images = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
-    labels = bunch.target.astype(np.int64)
+    return bunch.images, bunch.target
+
+
+def _load_digits(spec: DatasetSpec) -> ImageData:
+    pixels, target = _digits_arrays()
+    images = (pixels.astype(np.float32) / 16.0)[:, None, :, :]
+    labels = target.astype(np.int64)
     # Stratified split with a fixed generator: every seed is scored on the same test set.
     rng = np.random.default_rng(12345)
     test_idx = []
@@ -165,7 +186,11 @@ def _load_local(spec: DatasetSpec, path: Path):
 
 
 def _to_arrays(spec: DatasetSpec, split) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a Hugging Face split into (N, C, H, W) float32 in [0, 1] and int64 labels."""
+    """Decode a Hugging Face split into (N, C, H, W) uint8 pixels and int64 labels.
+
+    Array columns (``Array2D``/``Array3D``, as ``benchmarks/prepare_mnist.py``
+    writes) convert in one step; image columns decode image by image.
+    """
     columns = split.column_names
     image_col = spec.image_column if spec.image_column in columns else next(
         (c for c in ("image", "img") if c in columns), None)
@@ -175,19 +200,35 @@ def _to_arrays(spec: DatasetSpec, split) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetUnavailableError(
             f"dataset '{spec.name}': expected columns '{spec.image_column}' and "
             f"'{spec.label_column}', found {columns}. {_how_to_provide(spec)}")
-    images = np.stack([_image_to_array(img, spec) for img in split[image_col]])
+    if type(split.features[image_col]).__name__.startswith("Array"):
+        # One slice of the whole split (indexing a column alone yields a lazy Column
+        # that converts row by row: 5 s instead of 0.06 s for 12k MNIST images).
+        columns = split.with_format("numpy", columns=[image_col, label_col])[:]
+        images = _pixels_to_array(np.asarray(columns[image_col]), spec, batched=True)
+        return images, np.asarray(columns[label_col], dtype=np.int64)
     labels = np.asarray(split[label_col], dtype=np.int64)
+    images = np.stack([_image_to_array(img, spec) for img in split[image_col]])
     return images, labels
 
 
 def _image_to_array(image, spec: DatasetSpec) -> np.ndarray:
     if hasattr(image, "convert"):  # a PIL image
         image = image.convert("L" if spec.channels == 1 else "RGB")
-    array = np.asarray(image, dtype=np.float32)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.shape[:2] != (spec.image_size, spec.image_size) or array.shape[2] != spec.channels:
+    return _pixels_to_array(np.asarray(image), spec, batched=False)
+
+
+def _pixels_to_array(array: np.ndarray, spec: DatasetSpec, batched: bool) -> np.ndarray:
+    """(H, W[, C]) pixels, or (N, H, W[, C]) when ``batched``, as (.., C, H, W) uint8."""
+    if array.ndim == 2 + batched:
+        array = array[..., None]
+    size = (spec.image_size, spec.image_size)
+    if array.ndim != 3 + batched or array.shape[-3:-1] != size or array.shape[-1] != spec.channels:
+        shape = array.shape[1:] if batched else array.shape
         raise DatasetUnavailableError(
-            f"dataset '{spec.name}': an image has shape {array.shape}, expected "
+            f"dataset '{spec.name}': an image has shape {shape}, expected "
             f"{(spec.image_size, spec.image_size, spec.channels)} (H, W, C)")
-    return array.transpose(2, 0, 1) / 255.0
+    if array.dtype != np.uint8:  # pixel values 0..255 in another type
+        if array.dtype.kind == "f":
+            array = np.rint(array)
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(array, -1, -3))

@@ -7,7 +7,11 @@ configuration. Each returns one sorted int64 index array per client.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
+from importlib import metadata
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -24,9 +28,47 @@ def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(order, num_clients)]
 
 
+def cache_dir() -> Path:
+    """Where computed partitions are kept between processes: ``$MOSAIC_FLWR_CACHE``, else
+    ``$XDG_CACHE_HOME/mosaic-flwr``, else ``~/.cache/mosaic-flwr``."""
+    if os.environ.get("MOSAIC_FLWR_CACHE"):
+        return Path(os.environ["MOSAIC_FLWR_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mosaic-flwr"
+
+
 def dirichlet(labels: np.ndarray, num_clients: int, seed: int, alpha: float,
               min_partition_size: int) -> list[np.ndarray]:
-    """flwr-datasets' DirichletPartitioner on the label (per class, shares ~ Dir(alpha))."""
+    """flwr-datasets' DirichletPartitioner on the label (per class, shares ~ Dir(alpha)).
+
+    Importing flwr-datasets costs about 2.5 s (it loads its plotting modules), in
+    the ServerApp and in every Ray actor of every run; so the partition is kept
+    on disk (:func:`cache_dir`) under a key of the labels' bytes, the arguments
+    and the flwr-datasets version, and read back by every later process.
+    """
+    key = hashlib.sha256(b"".join([
+        np.ascontiguousarray(labels, dtype=np.int64).tobytes(),
+        repr((num_clients, seed, float(alpha), min_partition_size,
+              metadata.version("flwr-datasets"))).encode()])).hexdigest()[:32]
+    path = cache_dir() / "partitions" / f"dirichlet-{key}.npz"
+    try:
+        with np.load(path) as stored:
+            return [stored[f"client{i}"] for i in range(num_clients)]
+    except (OSError, KeyError, ValueError):
+        pass  # not cached yet (or unreadable): compute it
+    parts = _flwr_dirichlet(labels, num_clients, seed, alpha, min_partition_size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(partial, **{f"client{i}": part for i, part in enumerate(parts)})
+        os.replace(partial, path)  # atomic: concurrent processes never read half a file
+    except OSError:
+        pass  # a read-only home: every process computes it
+    return parts
+
+
+def _flwr_dirichlet(labels: np.ndarray, num_clients: int, seed: int, alpha: float,
+                    min_partition_size: int) -> list[np.ndarray]:
     # Imported here: flwr_datasets pulls in `datasets`, which is slow to import.
     from datasets import Dataset  # pylint: disable=import-outside-toplevel
     from flwr_datasets.partitioner import DirichletPartitioner  # pylint: disable=import-outside-toplevel
