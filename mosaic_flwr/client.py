@@ -18,6 +18,7 @@ and aggregate metrics leave the client.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -29,7 +30,7 @@ from .baselines.fedgen import FedGenObjective
 from .client_models import client_model_spec, global_model_spec, initial_seed
 from .client_part import ClientPart, ClientWork
 from .config import RunConfig
-from .data import BatchTransform, client_indices, load_dataset
+from .data import DATASETS, BatchTransform, client_indices, load_dataset
 from .kd.upload import GeneratorUpload
 from .models import Classifier, ModelSpec
 from .mosaic.client import MosaicStatistics
@@ -54,6 +55,26 @@ def config_from_message(msg: Message) -> RunConfig:
                                   validate=False)
 
 
+@functools.lru_cache(maxsize=16)
+def local_data(config: RunConfig, partition_id: int, node_data_path: str, device: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's training images and labels on its device, copied there once per process
+    (a Ray actor serves many clients over many rounds; uint8 images stay compact).
+
+    ``node_data_path``: the node's own data set (all of its training split);
+    otherwise partition ``partition_id`` of the run's data set. Callers must not
+    modify the tensors in place.
+    """
+    if node_data_path:
+        data = load_dataset(config.dataset, node_data_path)
+        images, labels = data.train_images, data.train_labels
+    else:
+        data = load_dataset(config.dataset, config.data_path)
+        idx = client_indices(config, partition_id)
+        images, labels = data.train_images[idx], data.train_labels[idx]
+    return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+
+
 def round_seed(config: RunConfig, pid: int, server_round: int) -> int:
     """A distinct, reproducible seed for each (run seed, client, round)."""
     return (config.seed * 1_000_003 + pid * 10_007 + server_round) % (2**63)
@@ -75,23 +96,16 @@ class LocalSetup:  # pylint: disable=too-many-instance-attributes
         self.server_round = int(msg.content.config_records["config"].get("server-round", 0))
         torch.set_num_threads(self.config.num_threads)
         self.device = select_device(self.config.device)
-        if self.node.data_path:  # the node's own data set: all of its training split
-            data = load_dataset(self.config.dataset, self.node.data_path)
-            images, labels = data.train_images, data.train_labels
-        else:  # this node's partition of the shared data set
-            data = load_dataset(self.config.dataset, self.config.data_path)
-            idx = client_indices(self.config, self.partition_id)
-            images, labels = data.train_images[idx], data.train_labels[idx]
-        self.images = torch.from_numpy(images)
-        self.labels = torch.from_numpy(labels)
-        self.spec = data.spec
-        self.transform = BatchTransform(data.spec, self.device)
+        self.spec = DATASETS[self.config.dataset]
+        self.images, self.labels = local_data(self.config, self.partition_id,
+                                              self.node.data_path, str(self.device))
+        self.transform = BatchTransform(self.spec, self.device)
         self.global_spec = global_model_spec(self.config)
         self.model_spec = (ModelSpec.parse(self.node.model) if self.node.model
                            else client_model_spec(self.config, self.partition_id))
         received = msg.content.array_records["arrays"].to_torch_state_dict()
         if task is None:
-            self.model: Classifier = self.global_spec.build(data.spec)
+            self.model: Classifier = self.global_spec.build(self.spec)
             self.model.load_state_dict(received)
         else:
             self.model = self.own_model(received, task)
@@ -201,10 +215,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     ``after_training`` (on the trained model: Mosaic's probe head, a generator),
     and one reply. See :mod:`mosaic_flwr.client_part`.
     """
+    start = time.monotonic()
     task = TrainTask.from_message(msg)
     setup = LocalSetup(msg, context, task)
     torch.manual_seed(setup.seed)
     work = ClientWork(msg, context, task, setup, torch.Generator().manual_seed(setup.seed))
+    # Config, data (loaded and partitioned on a process's first message), model.
+    work.metrics["setup-seconds"] = time.monotonic() - start
     parts = client_parts(task)
     regularisers = [r for part in parts if (r := part.before_training(work)) is not None]
     start = time.monotonic()

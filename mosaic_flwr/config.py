@@ -84,7 +84,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     seed: int = 0
     device: str = "auto"
     num_threads: int = 1
+    server_threads: int = 0  # torch threads of the ServerApp; 0: every core it may use
     amp: bool = True
+    cpu_bf16: bool = True  # bfloat16 autocast on CPUs that compute it (see training.autocast)
     round_timeout: float = 600.0
     node_wait_timeout: float = 120.0
     output_dir: str = ""
@@ -188,6 +190,8 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
                 raise ConfigError(key, getattr(self, _field(key)), "must be an integer >= 1")
         if self.min_partition_size < 0:
             raise ConfigError("min-partition-size", self.min_partition_size, "must be >= 0")
+        if self.server_threads < 0:
+            raise ConfigError("server-threads", self.server_threads, "must be >= 0 (0: all cores)")
         if self.min_clients > self.num_clients:
             raise ConfigError("min-clients", self.min_clients,
                               f"must be <= num-clients ({self.num_clients})")

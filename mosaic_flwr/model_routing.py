@@ -22,6 +22,7 @@ from .aggregation import array_signature, average_arrays
 from .models import Classifier, ModelSpec
 from .records import CLIENT_RECORD, GLOBAL_MODEL_RECORD, ClientUpload
 from .submodels import aggregate_submodels, submodel_indices
+from .training import fast_layout
 
 
 class ModelRouting:
@@ -176,12 +177,13 @@ class ModelRouting:
 
     def client_models(self, uploads: list[ClientUpload]) -> list[Classifier]:
         """The uploads' trained models (each its own architecture), frozen, in eval mode,
-        on the server's device."""
+        in channels-last layout (:func:`~mosaic_flwr.training.fast_layout`), on the
+        server's device."""
         models = []
         for upload in uploads:
             model = self.build_model(upload.model)
             model.load_state_dict(upload.arrays.to_torch_state_dict())
-            models.append(model.to(self.device).eval().requires_grad_(False))
+            models.append(fast_layout(model.to(self.device)).eval().requires_grad_(False))
         return models
 
     def global_model(self, arrays: ArrayRecord) -> Classifier:

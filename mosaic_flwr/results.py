@@ -122,6 +122,8 @@ class RunRecorder:
         self.callbacks = callbacks if callbacks is not None else default_callbacks(config, run_dir)
         self.rounds: list[dict[str, Any]] = []
         self.initial: dict[str, float] | None = None
+        #: Seconds the ServerApp spent before round 0 (config, data, partitions, strategy).
+        self.setup_seconds: float | None = None
         self.num_clients = config.num_clients
         self._start = time.monotonic()
         self._last = self._start
@@ -166,6 +168,7 @@ class RunRecorder:
             "final_accuracy": accuracies[-1] if accuracies else None,
             "best_accuracy": max(accuracies) if accuracies else None,
             "wall_seconds": time.monotonic() - self._start,
+            "setup_seconds": self.setup_seconds,
             "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "seconds")}
                        for r in self.rounds],
             "config": config.to_mapping(),

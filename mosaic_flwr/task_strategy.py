@@ -41,7 +41,7 @@ from .model_routing import ModelRouting
 from .models import Classifier, ModelSpec
 from .records import (GENERATOR_RECORD, LABEL_COUNTS, STATS_RECORD, TASK_RECORD, ClientUpload,
                       TrainTask)
-from .training import select_device
+from .training import fast_layout, select_device
 
 
 #: Scores a predictor (classifier inputs -> logits) on held-out data; for reporting only.
@@ -57,7 +57,8 @@ def model_fn_for(config: RunConfig) -> Callable[[], Classifier]:
 def server_options(config: RunConfig, score_fn: ScoreFn | None) -> dict:
     """The :class:`TaskStrategy` keyword arguments a run config sets."""
     spec = DATASETS[config.dataset]
-    return {"device": select_device(config.device), "amp": config.amp, "seed": config.seed,
+    return {"device": select_device(config.device), "amp": config.amp,
+            "cpu_bf16": config.cpu_bf16, "seed": config.seed,
             "score_fn": score_fn, "global_name": str(global_model_spec(config)),
             "model_factory": lambda name: ModelSpec.parse(name).build(spec)}
 
@@ -76,6 +77,9 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
         Where the server step runs.
     amp : bool (default: True)
         Mixed precision for server-side training on CUDA.
+    cpu_bf16 : bool (default: True)
+        bfloat16 autocast for the server step on CPUs that compute it natively
+        (:func:`mosaic_flwr.training.autocast`).
     seed : int (default: 0)
         Seeds the server step's random draws.
     score_fn : ScoreFn, optional
@@ -88,13 +92,15 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
 
     def __init__(self, model_fn: Callable[[], Classifier], *,
                  generator_fn: Callable[[], nn.Module] | None = None,
-                 device: str | torch.device = "cpu", amp: bool = True, seed: int = 0,
+                 device: str | torch.device = "cpu", amp: bool = True,
+                 cpu_bf16: bool = True, seed: int = 0,
                  score_fn: ScoreFn | None = None, global_name: str = "",
                  model_factory: Callable[[str], Classifier] | None = None, **kwargs) -> None:
         super().__init__(model_fn, global_name=global_name, model_factory=model_factory, **kwargs)
         self.generator_fn = generator_fn
         self.device = torch.device(device)
         self.amp = amp
+        self.cpu_bf16 = cpu_bf16
         self.seed = seed
         self.score_fn = score_fn
         #: The server step's random draws, one stream for the whole run.
@@ -212,12 +218,14 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
         return torch.stack([u.label_counts for u in uploads])
 
     def client_generators(self, uploads: list[ClientUpload]) -> list[nn.Module]:
-        """The uploaded generators, in eval mode, on the server's device."""
+        """The uploaded generators, frozen, in eval mode and channels-last layout, on the
+        server's device."""
         assert self.generator_fn is not None
         generators = []
         for upload in uploads:
             assert upload.generator is not None, "the task asked for no generator"
             generator = self.generator_fn()
             generator.load_state_dict(upload.generator.to_torch_state_dict())
-            generators.append(generator.to(self.device).eval())
+            generator.requires_grad_(False)
+            generators.append(fast_layout(generator.to(self.device)).eval())
         return generators

@@ -1,14 +1,17 @@
-"""Local training and evaluation loops, device selection and precision.
+"""Local training and evaluation loops, device selection, precision and layout.
 
 Data are held as tensors in memory and batched by index: no DataLoader worker
 processes inside Ray actors, and augmentation runs batched on the device.
 Training is reproducible on the CPU: every random choice draws from a
-``torch.Generator`` seeded by the caller.
+``torch.Generator`` seeded by the caller. Loops keep their running losses and
+counts on the device and read them once at the end, so a GPU never waits for
+the host between batches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,12 +31,41 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bfloat16 where supported); a no-op on the CPU."""
-    if device.type != "cuda" or not enabled:
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX, through oneDNN)."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def autocast(device: torch.device, enabled: bool = True, cpu_bf16: bool = False
+             ) -> contextlib.AbstractContextManager:
+    """Mixed precision: on CUDA when ``enabled`` (bfloat16 where supported, else float16);
+    on the CPU only when ``cpu_bf16`` is also asked for and the CPU computes bfloat16
+    natively. Callers ask for the CPU path where reduced precision is safe: forward
+    passes of frozen teachers and generators, and distillation steps."""
+    if not enabled:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    if device.type == "cpu" and cpu_bf16 and cpu_bf16_supported():
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def fast_layout(module: nn.Module) -> nn.Module:
+    """Put a convolutional model's 4-d weights in channels-last order, in place.
+
+    Exact (the same function, measured within 3e-7 of the default layout) and
+    oneDNN's fast path on the CPU: a 28x28 CNN's forward runs 2.6x faster in
+    float32 and 7x faster under bfloat16 autocast on an AMX CPU
+    (``docs/results/speed.md``); on CUDA it enables tensor-core kernels.
+    """
+    return module.to(memory_format=torch.channels_last)
 
 
 @dataclass(frozen=True)
@@ -68,7 +100,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
           generator: torch.Generator, regulariser: Regulariser | None = None) -> TrainResult:
     """SGD on local data; with ``proximal_mu > 0`` adds FedProx's mu/2 * ||w - w_global||^2,
     and with a ``regulariser`` its term on every batch (reported ``loss`` includes both)."""
-    model.to(device).train()
+    fast_layout(model.to(device)).train()
     optimiser = torch.optim.SGD(model.parameters(), lr=settings.learning_rate,
                                 momentum=settings.momentum, weight_decay=settings.weight_decay)
     global_params = ([p.detach().clone() for p in model.parameters()]
@@ -77,8 +109,9 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                        and not torch.cuda.is_bf16_supported())
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16_scaler)
     loss_fn = nn.CrossEntropyLoss()
-    total_loss, correct, seen = 0.0, 0, 0
-    n = len(labels)
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen, n = 0, len(labels)
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, settings.batch_size):
@@ -101,19 +134,19 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()
-            total_loss += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            total_loss += loss.detach().float() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
     if seen == 0:
         raise ValueError("no training batch: the client holds fewer than two samples")
-    return TrainResult(total_loss / seen, correct / seen, n)
+    return TrainResult(float(total_loss) / seen, int(correct) / seen, n)
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              transform: BatchTransform, device: torch.device, batch_size: int = 512,
              amp: bool = True) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` on the given samples."""
-    model.to(device).eval()
+    fast_layout(model.to(device)).eval()
     return evaluate_predictor(model, images, labels, transform, device, batch_size, amp)
 
 
@@ -123,12 +156,13 @@ def evaluate_predictor(predict: Callable[[torch.Tensor], torch.Tensor], images: 
                        batch_size: int = 512, amp: bool = True) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of any predictor (classifier inputs -> logits),
     e.g. a model or Mosaic's teacher over its experts."""
-    total_loss, correct = 0.0, 0
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(labels), batch_size):
         x = transform(images[start:start + batch_size].to(device), train=False)
         y = labels[start:start + batch_size].to(device)
         with autocast(device, amp):
             logits = predict(x)
-        total_loss += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    return total_loss / len(labels), correct / len(labels)
+        total_loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return float(total_loss) / len(labels), int(correct) / len(labels)

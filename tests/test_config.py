@@ -54,6 +54,11 @@ def test_issue_keys_exist_with_their_names():
     ("dense-temperature", 0.0, "dense-temperature=0.0: must be > 0"),
     ("feddf-inputs", "web", "feddf-inputs='web': must be one of generators, proxy"),
     ("fedcog-start-round", 0, "fedcog-start-round=0: must be an integer >= 1"),
+    ("server-threads", -1, "server-threads=-1: must be >= 0 (0: all cores)"),
+    ("cpu-bf16", "on", "cpu-bf16='on': must be true or false"),
+    ("mosaic-distill-pool-batches", -1, "mosaic-distill-pool-batches=-1: must be an integer >= 0"),
+    ("mosaic-generator-width", -8, "mosaic-generator-width=-8: must be an integer >= 0"),
+    ("dense-generator-width", -8, "dense-generator-width=-8: must be >= 0"),
 ])
 def test_each_bad_value_names_key_value_and_rule(key, value, message):
     with pytest.raises(ConfigError) as caught:
@@ -142,3 +147,12 @@ def test_a_message_carries_the_core_keys_and_a_client_rebuilds_them_without_reva
     assert bad.num_clients == 0
     with pytest.raises(ConfigError):
         bad.validate()
+
+
+def test_the_serverapp_takes_every_core_it_may_use_unless_told():
+    import os  # pylint: disable=import-outside-toplevel
+
+    from mosaic_flwr.server import server_threads  # pylint: disable=import-outside-toplevel
+
+    assert server_threads(RunConfig(server_threads=3)) == 3
+    assert server_threads(RunConfig()) == len(os.sched_getaffinity(0))

@@ -4,7 +4,8 @@ import torch
 
 from mosaic_flwr.data import DATASETS, BatchTransform, load_dataset
 from mosaic_flwr.models import build_model
-from mosaic_flwr.training import TrainSettings, evaluate, train
+from mosaic_flwr import training
+from mosaic_flwr.training import TrainSettings, autocast, evaluate, fast_layout, train
 
 SPEC = DATASETS["digits"]
 CPU = torch.device("cpu")
@@ -58,3 +59,43 @@ def test_same_seed_gives_identical_weights_on_cpu():
                                                  second.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
                                                      other.state_dict().values()))
+
+
+def test_channels_last_layout_computes_the_same_function():
+    torch.manual_seed(0)
+    for name in ("cnn", "resnet8"):
+        model = build_model(name, SPEC).eval()
+        x = torch.randn(16, 1, 8, 8)
+        with torch.no_grad():
+            before = model(x)
+            after = fast_layout(model)(x)
+        assert model.body[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_cpu_bf16_autocast_only_when_asked_for_and_supported(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    x = torch.randn(4, 8)
+    layer = torch.nn.Linear(8, 3)
+
+    def dtype_under(context) -> torch.dtype:
+        with context:
+            return layer(x).dtype
+
+    monkeypatch.setattr(training, "cpu_bf16_supported", lambda: True)
+    assert dtype_under(autocast(cpu, cpu_bf16=True)) == torch.bfloat16
+    assert dtype_under(autocast(cpu)) == torch.float32  # CPU mixed precision is opt-in
+    assert dtype_under(autocast(cpu, enabled=False, cpu_bf16=True)) == torch.float32
+    monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
+    assert dtype_under(autocast(cpu, cpu_bf16=True)) == torch.float32
+    assert type(autocast(cuda, enabled=False)).__name__ == "nullcontext"
+
+
+def test_uint8_images_train_and_evaluate_like_their_float_copies():
+    images, labels = digits_subset(64)
+    pixels = (images * 255).round().to(torch.uint8)
+    transform = BatchTransform(SPEC)
+    assert torch.allclose(transform(pixels, train=False), transform(pixels.float() / 255, train=False))
+    model = build_model("cnn", SPEC)
+    assert evaluate(model, pixels, labels, transform, CPU) == \
+        evaluate(model, pixels.float() / 255, labels, transform, CPU)
