@@ -163,11 +163,11 @@ def test_dense_synthesis_makes_the_ensemble_predict_the_targets():
                              generator_width=16, adv_weight=0.0)
     synthesizer = Synthesizer(clients, lambda: ImageGenerator(DIGITS, 16, 16), 10, settings,
                               torch.device("cpu"))
-    batch, history = synthesizer.synthesize(build_model("cnn", DIGITS),
-                                            torch.Generator().manual_seed(0))
+    batch, first, last = synthesizer.synthesize(build_model("cnn", DIGITS),
+                                                torch.Generator().manual_seed(0))
     synthesizer.remove()
     assert batch.shape == (64, 1, 8, 8)
-    assert history[-1]["ce"] < history[0]["ce"] / 4
+    assert last["ce"] < first["ce"] / 4
 
 
 # -------------------------------------------------------------------------- FedCOG
@@ -303,3 +303,12 @@ def test_a_counts_only_upload_is_screened_like_any_other_reply():
     assert "non-negative" in problem(-np.ones(10, dtype=np.int64))
     assert "stats must hold label-counts" in problem(
         np.arange(10, dtype=np.int64), prototypes=np.zeros((1, 512), dtype=np.float32))
+
+
+def test_keep_best_keeps_the_lowest_loss_batch_on_the_device():
+    from mosaic_flwr.kd.ensemble import keep_best  # pylint: disable=import-outside-toplevel
+
+    best, loss = keep_best(None, None, torch.full((2,), 1.0), torch.tensor(3.0))
+    for value, candidate_loss in ((2.0, 5.0), (3.0, 1.0), (4.0, 1.0)):
+        best, loss = keep_best(best, loss, torch.full((2,), value), torch.tensor(candidate_loss))
+    assert best.tolist() == [3.0, 3.0] and float(loss) == 1.0  # ties keep the earlier batch

@@ -10,12 +10,13 @@ from mosaic_flwr.config import ConfigError, RunConfig
 from mosaic_flwr.data.augment import BatchTransform
 from mosaic_flwr.data.datasets import DATASETS, load_dataset
 from mosaic_flwr.kd.distill import DistillWeights, distill_into, distillation_loss
-from mosaic_flwr.kd.ensemble import head_logits
+from mosaic_flwr.kd.ensemble import client_logits, head_logits
 from mosaic_flwr.kd.generator import (BatchNormStatistics, Discriminator, GeneratorWeights,
-                                      ImageGenerator, generator_objective, train_generator)
+                                      ImageGenerator, generator_objective, sized_width,
+                                      train_generator)
 from mosaic_flwr.kd.settings import GeneratorSettings
 from mosaic_flwr.models import build_model
-from mosaic_flwr.mosaic.experts import class_experts, ensemble_logits, expert_logits, expert_weights
+from mosaic_flwr.mosaic.experts import class_experts, ensemble_logits, expert_modules, expert_weights
 from mosaic_flwr.mosaic.meta import MetaModel, train_meta_model
 from mosaic_flwr.mosaic.prototypes import kmeans, prototype_centres
 from mosaic_flwr.mosaic.settings import DISTILL, FINETUNE, WARMUP, MosaicSettings
@@ -51,7 +52,10 @@ def test_uniform_weighting_makes_every_expert_the_plain_average():
 
 
 @pytest.mark.parametrize("model_name", ["cnn", "resnet8"])
-def test_vmapped_experts_match_a_loop_over_the_experts(model_name):
+def test_fast_experts_match_the_straightforward_loop(model_name):
+    """The teacher's fast path (frozen channels-last modules) computes exactly what a plain
+    loop of default-layout models loaded with each expert computes; under CPU bfloat16
+    autocast it stays close and agrees on the predicted class."""
     torch.manual_seed(0)
     clients = [build_model(model_name, DIGITS) for _ in range(3)]
     for client in clients:  # non-trivial BatchNorm statistics
@@ -59,26 +63,33 @@ def test_vmapped_experts_match_a_loop_over_the_experts(model_name):
         client(torch.randn(16, 1, 8, 8) * 2 + 0.5)
     counts = torch.tensor([[5, 1, 0, 2], [0, 4, 1, 2], [3, 0, 6, 2]])
     weights = expert_weights(counts)
-    stacked = class_experts([c.state_dict() for c in clients], weights)
-    x = torch.randn(7, 1, 8, 8)
-    template = build_model(model_name, DIGITS).eval()
-    batched = expert_logits(template, stacked, x)
-    for e in range(4):
-        one = build_model(model_name, DIGITS)
-        one.load_state_dict({k: v[e] for k, v in stacked.items()})
-        assert torch.allclose(batched[e], one.eval()(x), atol=1e-5)
-    features = torch.randn(5, template.feature_dim)
+    states = [c.state_dict() for c in clients]
+    stacked = class_experts(states, weights)
+    x = torch.randn(64, 1, 8, 8)
+    modules = expert_modules(lambda: build_model(model_name, DIGITS), stacked)
+    assert all(not m.training and not any(p.requires_grad for p in m.parameters())
+               for m in modules)
+    with torch.no_grad():
+        fast = client_logits(modules, x)
+        reference = []
+        for e in range(4):  # the straightforward loop: mix by hand, load, run
+            one = build_model(model_name, DIGITS)
+            one.load_state_dict({k: (sum(w * s[k] for w, s in zip(weights[:, e].float(), states))
+                                     if v.is_floating_point() else v)
+                                 for k, v in states[0].items()})
+            reference.append(one.eval()(x))
+        reference = torch.stack(reference)
+        assert fast.shape == (4, 64, 10)
+        assert torch.allclose(fast, reference, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what cpu-bf16 turns on
+            low = client_logits(modules, x)
+        assert (low - reference).abs().max() < 0.05 * reference.abs().max()
+        assert (low.argmax(2) == reference.argmax(2)).float().mean() > 0.95
+    features = torch.randn(5, modules[0].feature_dim)
     heads = head_logits(stacked, features)
     assert heads.shape == (5, 4, 10)
     assert torch.allclose(heads[:, 2], features @ stacked["head.weight"][2].T + stacked["head.bias"][2],
                           atol=1e-5)
-
-
-def test_experts_refuse_a_template_in_training_mode():
-    model = build_model("cnn", DIGITS)
-    with pytest.raises(ValueError, match="eval mode"):
-        expert_logits(model.train(), class_experts([model.state_dict()], torch.ones(1, 2)),
-                      torch.zeros(1, 1, 8, 8))
 
 
 def test_ensemble_weights_experts_by_their_share():
@@ -166,6 +177,30 @@ def test_generator_samples_are_normalised_classifier_inputs():
     assert samples.min() >= low - 1e-5 and samples.max() <= high + 1e-5
 
 
+def test_generator_width_is_sized_to_the_image_unless_given():
+    assert sized_width(3, 32) == 64  # the reference DCGAN's ngf for CIFAR
+    assert sized_width(1, 28) == 32 and sized_width(1, 8) == 16 and sized_width(3, 64) == 128
+    assert sized_width(1, 28, width=48) == 48
+    assert ImageGenerator(DATASETS["mnist"]).width == 32
+    assert ImageGenerator(DATASETS["mnist"], width=64).width == 64
+
+
+def test_train_generator_runs_the_generator_once_per_step():
+    """The discriminator's and the generator's step share one generated batch."""
+    generator = ImageGenerator(DIGITS, latent_dim=8, width=8)
+    calls = []
+    generator.register_forward_hook(lambda *_: calls.append(1))
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    settings = GeneratorSettings(generator_steps=5, generator_batch_size=16, generator_width=8)
+    report = train_generator(generator, build_model("cnn", DIGITS, 0.5), images,
+                             BatchTransform(DIGITS), settings, torch.device("cpu"),
+                             torch.Generator().manual_seed(0), cpu_bf16=True)
+    assert len(calls) == 5
+    assert set(report.first) == {"adversarial", "entropy", "diversity", "inversion", "total",
+                                 "discriminator"}
+    assert all(math.isfinite(v) for v in report.last.values())
+
+
 def test_generator_image_size_must_be_divisible_by_four():
     spec = DATASETS["digits"].__class__("odd", 1, 10, 2, (0.5,), (0.5,), False, 0)
     with pytest.raises(ValueError, match="divisible by 4"):
@@ -229,9 +264,11 @@ def test_train_generator_uses_inversion_only_for_small_clients_with_batchnorm():
 def test_distillation_loss_terms():
     teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
     _, same = distillation_loss(teacher, teacher, DistillWeights())
+    same = {k: float(v) for k, v in same.items()}
     assert same["kl"] == pytest.approx(0, abs=1e-6) and same["jsd"] == pytest.approx(0, abs=1e-6)
     student = torch.zeros(2, 3)
     total, terms = distillation_loss(student, teacher, DistillWeights(kl=1, ce=0, jsd=0))
+    terms = {k: float(v) for k, v in terms.items()}
     p = torch.softmax(teacher, 1)
     expected_kl = float((p * (p.log() - math.log(1 / 3))).sum(1).mean())
     assert terms["kl"] == pytest.approx(expected_kl, rel=1e-5)
@@ -252,7 +289,7 @@ def test_distillation_lowers_the_students_divergence_on_held_out_inputs():
         with torch.no_grad():
             _, terms = distillation_loss(student.eval()(held_out), teacher(held_out),
                                          DistillWeights(kl=1, ce=0, jsd=0))
-        return terms["kl"]
+        return float(terms["kl"])
 
     before = kl_to_teacher()
     rng = torch.Generator().manual_seed(1)
@@ -260,6 +297,36 @@ def test_distillation_lowers_the_students_divergence_on_held_out_inputs():
                            steps=300, lr=3e-3, weights=DistillWeights(), device=torch.device("cpu"))
     assert len(history) == 300
     assert kl_to_teacher() < 0.5 * before
+
+
+def test_a_teacher_pool_labels_its_batches_once_and_distils_as_well():
+    """With pool_batches = P the teacher runs P times, not once per step, and the student
+    still ends close to the teacher on held-out inputs."""
+    torch.manual_seed(0)
+    teacher_net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        teacher_net[-1].weight.mul_(4)
+    calls = []
+
+    def teacher(x):
+        calls.append(len(x))
+        return teacher_net(x)
+
+    held_out = torch.randn(512, 1, 8, 8)
+    weights = DistillWeights(kl=1, ce=0, jsd=0)
+    ends = {}
+    for pool in (0, 20):
+        calls.clear()
+        student = build_model("cnn", DIGITS, width=0.5)
+        rng = torch.Generator().manual_seed(1)
+        history = distill_into(student, teacher, lambda: torch.randn(64, 1, 8, 8, generator=rng),
+                               steps=300, lr=3e-3, weights=weights, device=torch.device("cpu"),
+                               pool_batches=pool, rng=torch.Generator().manual_seed(2))
+        assert len(history) == 300 and calls == [64] * (pool or 300)
+        with torch.no_grad():
+            _, terms = distillation_loss(student.eval()(held_out), teacher_net(held_out), weights)
+        ends[pool] = float(terms["kl"])
+    assert ends[20] < 1.5 * ends[0]
 
 
 # ----------------------------------------------------------------------- schedule

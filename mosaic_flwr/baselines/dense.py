@@ -34,11 +34,12 @@ from torch.nn import functional as F
 from ..config import RunConfig
 from ..data.datasets import DATASETS
 from ..kd.distill import DistillWeights, distillation_loss
-from ..kd.ensemble import client_logits
+from ..kd.ensemble import client_logits, keep_best
 from ..kd.generator import BatchNormStatistics, ImageGenerator
 from ..models import Classifier
 from ..records import ClientUpload, TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
+from ..training import autocast, fast_layout
 from .settings import DenseSettings
 
 
@@ -61,8 +62,9 @@ class Synthesizer:
         self.bn_stats = [BatchNormStatistics(model) for model in clients]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, student: nn.Module
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The weighted synthesis loss on inputs ``x`` for targets ``y``."""
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted synthesis loss on inputs ``x`` for targets ``y``, and its terms
+        (detached, on the device)."""
         for stats in self.bn_stats:
             stats.pop()
         teacher = client_logits(self.clients, x).mean(0)
@@ -71,32 +73,36 @@ class Synthesizer:
                  "adv": adversarial_loss(student(x), teacher)}
         s = self.settings
         total = s.ce_weight * terms["ce"] + s.bn_weight * terms["bn"] + s.adv_weight * terms["adv"]
-        return total, {k: float(v.detach()) for k, v in terms.items()}
+        return total, {k: v.detach() for k, v in terms.items()}
 
     def synthesize(self, student: nn.Module, rng: torch.Generator
-                   ) -> tuple[torch.Tensor, list[dict[str, float]]]:
-        """One batch from a fresh generator and latents, optimised together; the best batch."""
+                   ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
+        """One batch from a fresh generator and latents, optimised together: the batch of
+        the lowest loss, and the first and the last step's loss terms (read at the end)."""
         s = self.settings
-        generator = self.generator_fn().to(self.device).train()
+        generator = fast_layout(self.generator_fn().to(self.device)).train()
         z = torch.randn(s.synthesis_batch_size, generator.latent_dim, generator=rng).to(self.device)
         z.requires_grad_(True)
         y = torch.randint(0, self.num_classes, (s.synthesis_batch_size,), generator=rng).to(self.device)
         optimiser = torch.optim.Adam([*generator.parameters(), z], lr=s.generator_lr,
                                      betas=(0.5, 0.999))
         student.eval().requires_grad_(False)
-        best, best_loss, history = None, float("inf"), []
+        best, best_loss = None, None
+        steps: list[dict[str, torch.Tensor]] = []
         for _ in range(s.generator_steps):
             x = generator(z)
             loss, terms = self.loss(x, y, student)
-            if float(loss.detach()) < best_loss:
-                best, best_loss = x.detach(), float(loss.detach())
+            best, best_loss = keep_best(best, best_loss, x, loss)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            history.append({**terms, "total": float(loss.detach())})
+            terms["total"] = loss.detach()
+            steps.append(terms)
         student.requires_grad_(True)
         assert best is not None
-        return best, history
+        first, last = ({k: float(v) for k, v in terms.items()}  # host read: once, at the end
+                       for terms in (steps[0], steps[-1]))
+        return best, first, last
 
     def remove(self) -> None:
         """Detach the BatchNorm hooks from the client models."""
@@ -110,15 +116,16 @@ def distill_pool(student: nn.Module, optimiser: torch.optim.Optimizer, pool: tor
     student.eval()
     weights = DistillWeights(kl=1.0, ce=0.0, jsd=0.0, temperature=settings.temperature)
     order = torch.randperm(len(pool), generator=rng).to(pool.device)
-    losses = []
+    total, batches = torch.zeros((), device=pool.device), 0
     for start in range(0, len(pool), settings.distill_batch_size):
         idx = order[start:start + settings.distill_batch_size]
         loss, _ = distillation_loss(student(pool[idx]), targets[idx], weights)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        losses.append(float(loss.detach()))
-    return sum(losses) / len(losses)
+        total += loss.detach()
+        batches += 1
+    return float(total) / batches
 
 
 class DenseStrategy(TaskStrategy):
@@ -189,8 +196,8 @@ class DenseStrategy(TaskStrategy):
         s, device = self.settings, self.device
         start = time.monotonic()
         clients = self.client_models(uploads)
-        student = self.model_fn().to(device) if s.student_init == "fresh" \
-            else self.global_model(arrays)
+        student = fast_layout(self.model_fn().to(device) if s.student_init == "fresh"
+                              else self.global_model(arrays))
         optimiser = torch.optim.SGD(student.parameters(), lr=s.distill_lr, momentum=0.9)
         synthesizer = Synthesizer(clients, self.synthesis_generator_fn, self.num_classes, s,
                                   device)
@@ -203,20 +210,21 @@ class DenseStrategy(TaskStrategy):
         log_every = max(1, s.epochs // 10)
         try:
             for epoch in range(1, s.epochs + 1):
-                batch, history = synthesizer.synthesize(student, self.rng)
-                pool.append(batch)
-                with torch.no_grad():
-                    targets.append(client_logits(clients, batch).mean(0))
-                kd = distill_pool(student, optimiser, torch.cat(pool), torch.cat(targets), s,
-                                  self.rng)
+                with autocast(device, self.amp, self.cpu_bf16):
+                    batch, _, last = synthesizer.synthesize(student, self.rng)
+                    pool.append(batch)
+                    with torch.no_grad():
+                        targets.append(client_logits(clients, batch).mean(0).float())
+                    kd = distill_pool(student, optimiser, torch.cat(pool), torch.cat(targets), s,
+                                      self.rng)
                 if epoch == 1:
-                    stats["synthesis_loss_first"] = history[-1]["total"]
+                    stats["synthesis_loss_first"] = last["total"]
                 if epoch % log_every == 0 or epoch == s.epochs:
                     log(INFO, "[dense] epoch %d/%d  synthesis %.4f (ce %.4f bn %.4f adv %.4f)  "
-                        "kd %.4f  pool %d  elapsed %.1fs", epoch, s.epochs, history[-1]["total"],
-                        history[-1]["ce"], history[-1]["bn"], history[-1]["adv"], kd,
+                        "kd %.4f  pool %d  elapsed %.1fs", epoch, s.epochs, last["total"],
+                        last["ce"], last["bn"], last["adv"], kd,
                         sum(len(p) for p in pool), time.monotonic() - start)
-                stats.update(synthesis_loss_last=history[-1]["total"], distill_loss_last=kd)
+                stats.update(synthesis_loss_last=last["total"], distill_loss_last=kd)
         finally:
             synthesizer.remove()
         if self.score_fn is not None:

@@ -33,10 +33,11 @@ from torch.nn import functional as F
 
 from ..client_part import ClientPart, ClientWork
 from ..config import RunConfig
+from ..kd.ensemble import keep_best
 from ..models import Classifier
 from ..records import TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
-from ..training import Regulariser
+from ..training import Regulariser, autocast, fast_layout
 from .settings import FedCOGSettings
 
 #: The node-state record that keeps a client's last trained model (it never leaves the node).
@@ -70,14 +71,13 @@ def synthesize_complementary(global_model: nn.Module, local_model: nn.Module,
     optimiser = torch.optim.Adam([x], lr=settings.generation_lr, betas=(0.5, 0.9))
     global_model.eval().requires_grad_(False)
     local_model.eval().requires_grad_(False)
-    best, best_loss = x.detach().clone(), float("inf")
+    best, best_loss = x.detach().clone(), None
     for _ in range(settings.generation_steps):
         g_logits = global_model(x)
         ce = F.cross_entropy(g_logits.float(), labels)
         disagreement = 1 - js_agreement(g_logits, local_model(x)).mean().clamp(0, 1)
         loss = settings.ce_weight * ce + settings.disagreement_weight * disagreement
-        if float(loss.detach()) < best_loss:
-            best, best_loss = x.detach().clone(), float(loss.detach())
+        best, best_loss = keep_best(best, best_loss, x, loss)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -132,10 +132,11 @@ class FedCOGObjective(ClientPart):
         previous = setup.context.state.array_records.get(LOCAL_MODEL_RECORD)
         local.load_state_dict(previous.to_torch_state_dict() if previous is not None
                               else model.state_dict())
-        x_syn, _, targets = synthesize_complementary(
-            model.to(setup.device), local.to(setup.device), per_class,
-            (setup.spec.channels, setup.spec.image_size, setup.spec.image_size), settings,
-            setup.device, rng)
+        with autocast(setup.device, setup.config.amp, setup.config.cpu_bf16):
+            x_syn, _, targets = synthesize_complementary(
+                fast_layout(model.to(setup.device)), fast_layout(local.to(setup.device)),
+                per_class, (setup.spec.channels, setup.spec.image_size, setup.spec.image_size),
+                settings, setup.device, rng)
         metrics["fedcog-seconds"] = time.monotonic() - start
         metrics["fedcog-samples"] = len(x_syn)
         notional = float((counts.max() - counts).sum())
@@ -158,4 +159,5 @@ class FedCOGObjective(ClientPart):
         if not work.task.keep_model:
             return
         work.context.state[LOCAL_MODEL_RECORD] = ArrayRecord(
-            {k: v.detach().cpu() for k, v in work.setup.model.state_dict().items()})
+            {k: v.detach().cpu()  # host read: the model's state, once per round
+             for k, v in work.setup.model.state_dict().items()})

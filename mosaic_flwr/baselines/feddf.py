@@ -110,7 +110,8 @@ class FedDFStrategy(TaskStrategy):
             student, lambda x: average_logits(clients, x), self._sampler(uploads),
             steps=s.steps, lr=s.lr,
             weights=DistillWeights(kl=1.0, ce=0.0, jsd=0.0, temperature=s.temperature),
-            device=self.device, amp=self.amp, log_every=max(1, s.steps // 5), cosine=True,
+            device=self.device, amp=self.amp, cpu_bf16=self.cpu_bf16,
+            log_every=max(1, s.steps // 5), cosine=True,
             max_grad_norm=5.0, tag="feddf")
         if history:
             stats.update(distill_loss_first=history[0]["loss"], distill_loss_last=history[-1]["loss"])

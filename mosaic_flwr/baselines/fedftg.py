@@ -34,6 +34,7 @@ from ..kd.generator import ImageGenerator
 from ..models import Classifier
 from ..records import ClientUpload, TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
+from ..training import autocast, fast_layout
 from .settings import FedFTGSettings
 
 
@@ -45,8 +46,9 @@ def disagreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
 def generator_loss(x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor,
                    student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                    class_weight: torch.Tensor, settings: FedFTGSettings, num_clients: int
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
-    """FedFTG's generator loss for one teacher client; ``class_weight`` is its (C,) share."""
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """FedFTG's generator loss for one teacher client; ``class_weight`` is its (C,) share.
+    The terms come back detached, on the device."""
     w = class_weight[labels].to(x.dtype)
     terms = {
         "ce": F.cross_entropy(teacher_logits.float(), labels) * w.mean(),
@@ -55,7 +57,7 @@ def generator_loss(x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor,
     }
     total = (settings.ce_weight * terms["ce"] + settings.hard_weight * terms["hard"]
              + settings.diversity_weight * terms["diversity"])
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    return total, {k: v.detach() for k, v in terms.items()}
 
 
 def fine_tune(student: nn.Module, generator: ImageGenerator, clients: list[nn.Module],
@@ -96,12 +98,12 @@ def fine_tune(student: nn.Module, generator: ImageGenerator, clients: list[nn.Mo
             opt_s.zero_grad(set_to_none=True)
             loss.backward()
             opt_s.step()
-            kd.append(float(loss.detach()))
-    stats = {"hard_disagreement_first": sum(hard_first) / max(1, len(hard_first))}
+            kd.append(loss.detach())
+    stats = {"hard_disagreement_first": float(torch.stack(hard_first).mean()) if hard_first else 0.0}
     if hard_last:
-        stats["hard_disagreement_last"] = sum(hard_last) / len(hard_last)
+        stats["hard_disagreement_last"] = float(torch.stack(hard_last).mean())
     if kd:
-        stats.update(distill_loss_first=kd[0], distill_loss_last=kd[-1])
+        stats.update(distill_loss_first=float(kd[0]), distill_loss_last=float(kd[-1]))
     return stats
 
 
@@ -152,8 +154,12 @@ class FedFTGStrategy(TaskStrategy):
         stats: dict[str, float] = {}
         if self.score_fn is not None:
             stats["student_accuracy_before"] = self.score_fn(student.eval())
-        stats.update(fine_tune(student, self.generator, self.client_models(uploads),
-                               self.label_counts(uploads), self.settings, server_round, self.rng))
+        fast_layout(student)
+        fast_layout(self.generator)
+        with autocast(self.device, self.amp, self.cpu_bf16):
+            stats.update(fine_tune(student, self.generator, self.client_models(uploads),
+                                   self.label_counts(uploads), self.settings, server_round,
+                                   self.rng))
         if self.score_fn is not None:
             stats["student_accuracy_after"] = self.score_fn(student.eval())
         stats["distill_seconds"] = time.monotonic() - start

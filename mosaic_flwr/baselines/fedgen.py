@@ -92,9 +92,9 @@ def train_feature_generator(generator: FeatureGenerator, optimiser: torch.optim.
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        history.append(float(loss.detach()))
+        history.append(loss.detach())
     generator.eval()
-    return history
+    return torch.stack(history).tolist() if history else []  # one read, at the end
 
 
 class FedGenStrategy(TaskStrategy):
@@ -139,7 +139,8 @@ class FedGenStrategy(TaskStrategy):
         """The generator, once it has been trained (from round 2 on)."""
         if not self.generator_ready:
             return {}
-        state = {k: v.detach().cpu() for k, v in self.generator.state_dict().items()}
+        state = {k: v.detach().cpu()  # host read: the generator's state, once per round
+                 for k, v in self.generator.state_dict().items()}
         return {GENERATOR_RECORD: ArrayRecord(state)}
 
     def server_step(self, server_round: int, uploads: list[ClientUpload], arrays: ArrayRecord

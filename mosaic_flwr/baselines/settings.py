@@ -55,13 +55,13 @@ class FedFTGSettings(MethodSettings):
     PREFIX: ClassVar[str] = "fedftg"
     POSITIVE: ClassVar[tuple[str, ...]] = ("generator_lr", "distill_lr", "lr_decay")
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (
-        "batch_size", "latent_dim", "generator_width")
+        "batch_size", "latent_dim")
 
     iterations: int = 10  # per round; each: one generator step per client, then distillation
     distill_steps: int = 5  # per iteration, on that iteration's batch
     batch_size: int = 50
     latent_dim: int = 100
-    generator_width: int = 64
+    generator_width: int = 0  # 0: sized to the image (kd.generator.sized_width; 64 at 3x32x32)
     generator_lr: float = 0.01  # Adam; the generator persists across rounds
     # SGD (weight decay 1e-3). The reference uses 0.1 on a loss averaged over
     # classes as well as samples (1/C of the soft cross-entropy used here).
@@ -79,8 +79,7 @@ class DenseSettings(MethodSettings):
     PREFIX: ClassVar[str] = "dense"
     POSITIVE: ClassVar[tuple[str, ...]] = ("generator_lr", "distill_lr", "temperature")
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (
-        "epochs", "generator_steps", "synthesis_batch_size", "latent_dim", "generator_width",
-        "distill_batch_size")
+        "epochs", "generator_steps", "synthesis_batch_size", "latent_dim", "distill_batch_size")
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"student_init": DENSE_STUDENT_INITS}
 
     # The one communication round: 0 = local-epochs x num-server-rounds, so clients
@@ -91,7 +90,7 @@ class DenseSettings(MethodSettings):
     generator_lr: float = 1e-3
     synthesis_batch_size: int = 256
     latent_dim: int = 256
-    generator_width: int = 64
+    generator_width: int = 0  # 0: sized to the image (kd.generator.sized_width; 64 at 3x32x32)
     ce_weight: float = 1.0
     bn_weight: float = 1.0
     adv_weight: float = 1.0
@@ -111,8 +110,7 @@ class FedDFSettings(GeneratorSettings, MethodSettings):
     PREFIX: ClassVar[str] = "feddf"
     POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "temperature", "generator_lr")
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (
-        "batch_size", "generator_steps", "generator_batch_size", "generator_latent_dim",
-        "generator_width")
+        "batch_size", "generator_steps", "generator_batch_size", "generator_latent_dim")
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"inputs": FEDDF_INPUTS}
 
     # generators: every client also trains Mosaic's kind of generator (the

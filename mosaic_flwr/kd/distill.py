@@ -4,8 +4,14 @@ The loss mixes KL(teacher || student) at temperature T (scaled by T^2, as usual)
 cross-entropy against the teacher's argmax, and the Jensen-Shannon divergence
 between the two predictions, each with its own weight. The student keeps its
 BatchNorm statistics (eval mode): synthetic batches must not overwrite the
-statistics it learnt on real client data. Inputs come from a sampler under
-``torch.no_grad()``; on CUDA the forward passes run in mixed precision.
+statistics it learnt on real client data.
+
+Inputs come from a sampler under ``torch.no_grad()``, either fresh for every
+step or, with ``pool_batches > 0``, drawn once into a pool whose teacher outputs
+are computed once; each step then takes a random batch of the pool. Mixed
+precision: on CUDA when ``amp``; on the CPU (bfloat16, where the CPU computes it
+natively) when ``cpu_bf16`` as well. Loss values stay on the device during the
+loop and are read once at the end (and at each ``log_every`` step).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from flwr.supercore import log
 from torch import nn
 from torch.nn import functional as F
 
-from ..training import autocast
+from ..training import autocast, fast_layout
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,14 @@ class DistillWeights:
     temperature: float = 1.0
 
 
+#: The loss terms :func:`distillation_loss` reports, in order.
+TERMS = ("kl", "ce", "jsd")
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      weights: DistillWeights) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted KL + CE + JSD of the student against the teacher; total and each term."""
+                      weights: DistillWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted KL + CE + JSD of the student against the teacher; the total and each term
+    (detached 0-d tensors, still on the device)."""
     student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     temp = weights.temperature
     kl = F.kl_div(F.log_softmax(student_logits / temp, 1), F.log_softmax(teacher_logits / temp, 1),
@@ -46,34 +57,54 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     jsd = 0.5 * (F.kl_div(log_m, p_s, reduction="batchmean")
                  + F.kl_div(log_m, p_t, reduction="batchmean"))
     total = weights.kl * kl + weights.ce * ce + weights.jsd * jsd
-    return total, {"kl": float(kl.detach()), "ce": float(ce.detach()), "jsd": float(jsd.detach())}
+    return total, {"kl": kl.detach(), "ce": ce.detach(), "jsd": jsd.detach()}
+
+
+def teacher_pool(teacher: Callable[[torch.Tensor], torch.Tensor],
+                 sample: Callable[[], torch.Tensor], batches: int, device: torch.device,
+                 amp: bool = True, cpu_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batches`` draws of ``sample()`` and the teacher's logits on them, computed once
+    (under :func:`~mosaic_flwr.training.autocast` with ``amp`` and ``cpu_bf16``)."""
+    inputs, targets = [], []
+    with torch.no_grad(), autocast(device, amp, cpu_bf16):
+        for _ in range(batches):
+            x = sample()
+            inputs.append(x)
+            targets.append(teacher(x).float())
+    return torch.cat(inputs), torch.cat(targets)
 
 
 def distill_into(student: nn.Module, teacher: Callable[[torch.Tensor], torch.Tensor],
                  sample: Callable[[], torch.Tensor], *, steps: int, lr: float,
                  weights: DistillWeights, device: torch.device, amp: bool = True,
-                 log_every: int = 0, cosine: bool = False, max_grad_norm: float = 0.0,
-                 tag: str = "mosaic") -> list[dict[str, float]]:
-    """Train ``student`` with Adam to match ``teacher`` on ``steps`` batches from ``sample()``.
+                 cpu_bf16: bool = False, pool_batches: int = 0,
+                 rng: torch.Generator | None = None, log_every: int = 0, cosine: bool = False,
+                 max_grad_norm: float = 0.0, tag: str = "mosaic") -> list[dict[str, float]]:
+    """Train ``student`` with Adam to match ``teacher`` for ``steps`` batches.
 
     ``teacher`` maps inputs to logits and is called under ``torch.no_grad()``.
-    ``cosine`` anneals the learning rate to 0 over the steps, ``max_grad_norm``
-    clips gradients (FedDF uses both); ``tag`` prefixes the log lines.
-    Returns one record of loss terms per step.
+    With ``pool_batches = 0`` every step draws a fresh batch from ``sample()``;
+    with ``pool_batches = P`` the teacher labels P draws once (see
+    :func:`teacher_pool`) and each step takes a batch of the same size from
+    that pool, chosen with ``rng``. ``cosine`` anneals the learning rate to 0
+    over the steps, ``max_grad_norm`` clips gradients (FedDF uses both); ``tag``
+    prefixes the log lines. Returns one record of loss terms per step.
     """
-    student.to(device).eval()
+    fast_layout(student.to(device)).eval()
     optimiser = torch.optim.Adam(student.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, steps)) if cosine else None
     use_scaler = device.type == "cuda" and amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    history: list[dict[str, float]] = []
+    if pool_batches:
+        draw = _pooled(teacher_pool(teacher, sample, pool_batches, device, amp, cpu_bf16),
+                       pool_batches, rng)
+    else:
+        draw = _fresh(teacher, sample, device, amp, cpu_bf16)
+    history = torch.zeros(steps, 1 + len(TERMS), device=device)
     start = time.monotonic()
-    for step in range(1, steps + 1):
-        with torch.no_grad():
-            x = sample()
-            with autocast(device, amp):
-                target = teacher(x)
-        with autocast(device, amp):
+    for step in range(steps):
+        x, target = draw()
+        with autocast(device, amp, cpu_bf16):
             out = student(x)
         loss, terms = distillation_loss(out, target, weights)
         optimiser.zero_grad(set_to_none=True)
@@ -85,14 +116,30 @@ def distill_into(student: nn.Module, teacher: Callable[[torch.Tensor], torch.Ten
         scaler.update()
         if scheduler is not None:
             scheduler.step()
-        history.append({"loss": float(loss.detach()), **terms})
-        if log_every and (step % log_every == 0 or step == steps):
-            recent = history[-log_every:]
+        history[step] = torch.stack([loss.detach(), *(terms[t] for t in TERMS)])
+        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+            recent = history[max(0, step + 1 - log_every):step + 1].mean(0).tolist()  # host read: per log
             log(INFO, "[%s] distillation step %d/%d  loss %.4f  (kl %.4f ce %.4f jsd %.4f)"
-                "  elapsed %.1fs", tag, step, steps, _avg(recent, "loss"), _avg(recent, "kl"),
-                _avg(recent, "ce"), _avg(recent, "jsd"), time.monotonic() - start)
-    return history
+                "  elapsed %.1fs", tag, step + 1, steps, *recent, time.monotonic() - start)
+    return [dict(zip(("loss", *TERMS), row)) for row in history.tolist()]
 
 
-def _avg(rows: list[dict[str, float]], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
+def _fresh(teacher: Callable[[torch.Tensor], torch.Tensor], sample: Callable[[], torch.Tensor],
+           device: torch.device, amp: bool, cpu_bf16: bool
+           ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), autocast(device, amp, cpu_bf16):
+            x = sample()
+            return x, teacher(x)
+    return draw
+
+
+def _pooled(pool: tuple[torch.Tensor, torch.Tensor], batches: int, rng: torch.Generator | None
+            ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    inputs, targets = pool
+    batch = len(inputs) // batches
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(inputs), (batch,), generator=rng).to(inputs.device)
+        return inputs[idx], targets[idx]
+    return draw

@@ -42,6 +42,17 @@ def head_logits(experts: Mapping[str, torch.Tensor], features: torch.Tensor,
     return torch.einsum("bd,ecd->bec", features.to(weight.dtype), weight) + bias.unsqueeze(0)
 
 
+def keep_best(best: torch.Tensor | None, best_loss: torch.Tensor | None,
+              candidate: torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A running minimum kept on the device: ``(candidate, loss)`` when ``loss`` is lower
+    than ``best_loss`` (or nothing is kept yet), else ``(best, best_loss)``; both detached.
+    DENSE and FedCOG keep their lowest-loss synthetic batch this way, with no host read."""
+    candidate, loss = candidate.detach(), loss.detach().float()
+    if best is None or best_loss is None:
+        return candidate.clone(), loss
+    return torch.where(loss < best_loss, candidate, best), torch.minimum(loss, best_loss)
+
+
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``-sum_c p_c log softmax(logits)_c``."""
     return -(target_probs * F.log_softmax(logits.float(), dim=1)).sum(1).mean()

@@ -33,7 +33,23 @@ from torch.nn import functional as F
 
 from ..data.augment import BatchTransform
 from ..data.datasets import DatasetSpec
+from ..training import autocast, fast_layout
 from .settings import GeneratorSettings
+
+
+def sized_width(channels: int, image_size: int, width: int = 0) -> int:
+    """A generator's (and its discriminator's) base width: ``width`` when given, else sized
+    to the image: 64 (the reference DCGAN's, for 3x32x32 images) times the square root of
+    the image's share of 3x32x32 values, rounded to a multiple of 8, at least 16.
+
+    The convolutions' cost grows with width squared times pixels, so this keeps a
+    generator's cost per sample proportional to the image's size: 32 for 1x28x28
+    (MNIST), 64 for 3x32x32 (CIFAR), 16 for 1x8x8 (digits).
+    """
+    if width:
+        return width
+    scaled = 64 * math.sqrt(channels * image_size * image_size / (3 * 32 * 32))
+    return max(16, 8 * round(scaled / 8))
 
 
 class ImageGenerator(nn.Module):
@@ -41,16 +57,18 @@ class ImageGenerator(nn.Module):
 
     The image side must be divisible by 4 (8, 28 and 32 are): a linear layer
     projects z to a (2w, H/4, W/4) map, two stride-2 transposed convolutions
-    upsample it to (C, H, W). With ``num_classes > 0`` it is label-conditioned
-    (the server-side generators of FedFTG and DENSE): a one-hot label is
-    concatenated to z.
+    upsample it to (C, H, W); ``width`` 0 sizes w to the image (:func:`sized_width`).
+    With ``num_classes > 0`` it is label-conditioned (the server-side generators
+    of FedFTG and DENSE): a one-hot label is concatenated to z.
     """
 
-    def __init__(self, spec: DatasetSpec, latent_dim: int = 100, width: int = 64,
+    def __init__(self, spec: DatasetSpec, latent_dim: int = 100, width: int = 0,
                  num_classes: int = 0) -> None:
         super().__init__()
         if spec.image_size % 4:
             raise ValueError(f"image size {spec.image_size} is not divisible by 4")
+        width = sized_width(spec.channels, spec.image_size, width)
+        self.width = width
         self.latent_dim = latent_dim
         self.num_classes = num_classes
         self.start = spec.image_size // 4
@@ -168,23 +186,25 @@ class GeneratorWeights:
 
 def generator_objective(generator: ImageGenerator, classifier: nn.Module,
                         discriminator: nn.Module, z: torch.Tensor, weights: GeneratorWeights,
-                        bn_stats: BatchNormStatistics | None = None
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted generator loss on latents ``z`` and each term's value."""
-    fake = generator(z)
+                        bn_stats: BatchNormStatistics | None = None,
+                        fake: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted generator loss on latents ``z`` and each term's value (detached 0-d
+    tensors, on the device). ``fake``: ``generator(z)`` when the caller computed it already."""
+    fake = generator(z) if fake is None else fake
     if bn_stats is not None:
         bn_stats.pop()
     logits = classifier(fake).float()
     terms = {
         "adversarial": F.binary_cross_entropy_with_logits(
-            discriminator(fake), torch.ones(len(z), device=fake.device)),
+            discriminator(fake).float(), torch.ones(len(z), device=fake.device)),
         "entropy": prediction_entropy(logits),
         "diversity": diversity_loss(logits),
         "inversion": (bn_stats.pop().to(fake.device) if bn_stats is not None
                       else torch.zeros((), device=fake.device)),
     }
     total = sum(getattr(weights, name) * value for name, value in terms.items())
-    return total, {name: float(value.detach()) for name, value in terms.items()}
+    return total, {name: value.detach().float() for name, value in terms.items()}
 
 
 @dataclass(frozen=True)
@@ -201,9 +221,16 @@ class GeneratorReport:
 
 def train_generator(generator: ImageGenerator, classifier: nn.Module, images: torch.Tensor,
                     transform: BatchTransform, settings: GeneratorSettings,
-                    device: torch.device, rng: torch.Generator) -> GeneratorReport:
-    """Train ``generator`` on local ``images`` (in [0, 1]) against a frozen ``classifier``."""
-    frozen = copy.deepcopy(classifier).to(device).eval()
+                    device: torch.device, rng: torch.Generator, amp: bool = True,
+                    cpu_bf16: bool = False) -> GeneratorReport:
+    """Train ``generator`` on local ``images`` (uint8 or [0, 1]) against a frozen ``classifier``.
+
+    Each step draws one generated batch and uses it twice: detached for the
+    discriminator's step, then for the generator's (the DCGAN recipe). Forward
+    passes run under :func:`~mosaic_flwr.training.autocast` (``amp`` on CUDA,
+    ``cpu_bf16`` on the CPU); loss values stay on the device until the end.
+    """
+    frozen = fast_layout(copy.deepcopy(classifier).to(device)).eval()
     frozen.requires_grad_(False)
     use_inversion = len(images) < settings.inversion_max_samples and settings.inversion_weight > 0
     bn_stats = BatchNormStatistics(frozen) if use_inversion else None
@@ -211,37 +238,45 @@ def train_generator(generator: ImageGenerator, classifier: nn.Module, images: to
     weights = GeneratorWeights(settings.adversarial_weight, settings.entropy_weight,
                                settings.diversity_weight,
                                settings.inversion_weight if use_inversion else 0.0)
-    generator.to(device).train()
-    discriminator = Discriminator(images.shape[1], images.shape[-1], settings.generator_width)
-    discriminator.to(device).train()
+    fast_layout(generator.to(device)).train()
+    discriminator = Discriminator(images.shape[1], images.shape[-1], generator.width)
+    fast_layout(discriminator.to(device)).train()
     betas = (0.5, 0.999)
     opt_g = torch.optim.Adam(generator.parameters(), lr=settings.generator_lr, betas=betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=settings.generator_lr, betas=betas)
     batch = min(settings.generator_batch_size, len(images))
-    history: list[dict[str, float]] = []
-    for _ in range(settings.generator_steps):
+    real_label = torch.ones(batch, device=device)
+    fake_label = torch.zeros(batch, device=device)
+    names = ("adversarial", "entropy", "diversity", "inversion", "total", "discriminator")
+    history = torch.zeros(settings.generator_steps, len(names), device=device)
+    for step in range(settings.generator_steps):
         idx = torch.randint(0, len(images), (batch,), generator=rng)
         real = transform(images[idx].to(device), train=True, generator=rng)
         z = torch.randn(batch, generator.latent_dim, generator=rng).to(device)
-        # Discriminator step: real -> 1, generated -> 0.
-        with torch.no_grad():
+        with autocast(device, amp, cpu_bf16):
             fake = generator(z)
-        d_loss = (F.binary_cross_entropy_with_logits(discriminator(real), torch.ones(batch, device=device))
-                  + F.binary_cross_entropy_with_logits(discriminator(fake), torch.zeros(batch, device=device)))
+            # Discriminator step: real -> 1, generated -> 0.
+            d_loss = (F.binary_cross_entropy_with_logits(discriminator(real).float(), real_label)
+                      + F.binary_cross_entropy_with_logits(discriminator(fake.detach()).float(),
+                                                           fake_label))
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
-        # Generator step.
-        loss, terms = generator_objective(generator, frozen, discriminator, z, weights, bn_stats)
+        # Generator step, on the same generated batch.
+        with autocast(device, amp, cpu_bf16):
+            loss, terms = generator_objective(generator, frozen, discriminator, z, weights,
+                                              bn_stats, fake=fake)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
-        history.append({**terms, "total": float(loss.detach()), "discriminator": float(d_loss.detach())})
+        history[step] = torch.stack([*(terms[n] for n in names[:4]), loss.detach().float(),
+                                     d_loss.detach().float()])
     if bn_stats is not None:
         bn_stats.remove()
     generator.eval()
-    tenth = max(1, len(history) // 10)
-    return GeneratorReport(_mean(history[:tenth]), _mean(history[-tenth:]))
+    rows = [dict(zip(names, row)) for row in history.tolist()]  # one read, at the end
+    tenth = max(1, len(rows) // 10)
+    return GeneratorReport(_mean(rows[:tenth]), _mean(rows[-tenth:]))
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -17,14 +17,15 @@ from ..method_settings import Settings
 
 @dataclass(frozen=True)
 class GeneratorSettings(Settings):  # pylint: disable=too-many-instance-attributes
-    """A client generator's shape and training (reference: DCGAN, z = 100, ngf = 64,
-    Adam 2e-4, betas 0.5/0.999); see :func:`mosaic_flwr.kd.generator.train_generator`."""
+    """A client generator's shape and training (reference: DCGAN, z = 100, ngf = 64 for
+    3x32x32 images, Adam 2e-4, betas 0.5/0.999); see
+    :func:`mosaic_flwr.kd.generator.train_generator`."""
 
     generator_steps: int = 200
     generator_batch_size: int = 64
     generator_lr: float = 2e-4
     generator_latent_dim: int = 100
-    generator_width: int = 64
+    generator_width: int = 0  # 0: sized to the image (kd.generator.sized_width; 64 at 3x32x32)
     adversarial_weight: float = 1.0
     entropy_weight: float = 1.0
     diversity_weight: float = 1.0

@@ -19,6 +19,7 @@ from torch import nn
 from ..client_part import ClientPart, ClientWork
 from ..data.augment import BatchTransform
 from ..records import LABEL_COUNTS, STATS_RECORD, label_counts_array
+from ..training import fast_layout
 from .prototypes import prototype_centres
 from .settings import MosaicSettings
 
@@ -36,11 +37,12 @@ PROBE_BIAS = "probe-bias"
 @torch.no_grad()
 def extract_features(model: nn.Module, images: torch.Tensor, transform: BatchTransform,
                      device: torch.device, batch_size: int = 512) -> torch.Tensor:
-    """Penultimate features of ``images`` (in [0, 1]) under ``model``, on the CPU."""
-    model.to(device).eval()
-    chunks = [model.features(transform(images[i:i + batch_size].to(device), train=False)).float().cpu()
+    """Penultimate features of ``images`` (uint8 or [0, 1]) under ``model``, on the CPU
+    (copied from the device once, at the end)."""
+    fast_layout(model.to(device)).eval()
+    chunks = [model.features(transform(images[i:i + batch_size].to(device), train=False)).float()
               for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks) if chunks else torch.zeros(0, model.feature_dim)
+    return torch.cat(chunks).cpu() if chunks else torch.zeros(0, model.feature_dim)
 
 
 def client_statistics(global_model: nn.Module, images: torch.Tensor, labels: torch.Tensor,

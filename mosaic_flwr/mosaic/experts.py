@@ -2,9 +2,14 @@
 
 With K clients and C classes, expert c's parameters are
 ``sum_k w[k, c] * theta_k`` where ``w[k, c] = n[k, c] / sum_j n[j, c]``: clients
-that hold much of class c dominate expert c. The experts share one architecture,
-so their parameters are stacked along a leading expert axis and all of them run
-in one batched call (``torch.func.functional_call`` under ``torch.func.vmap``).
+that hold much of class c dominate expert c. The experts share one architecture;
+their parameters are stacked along a leading expert axis (the meta model reads
+the stacked heads), and on classifier inputs each expert runs as its own frozen
+module in channels-last layout (:func:`expert_modules`). Measured on a 28x28 CNN
+with ten experts and 320 inputs on two CPU threads, that loop takes 0.38x the
+time of a plain loop of default-layout modules, exactly (within 3e-7); bfloat16
+autocast takes it to 0.14x. A ``torch.func.vmap`` over the stacked state took
+1.5x, and grouped convolutions 1.3x (``docs/results/speed.md``).
 
 When clients train different models (widths or architectures), parameters
 cannot be mixed. Expert c is then the same mixture taken over the client
@@ -20,13 +25,13 @@ mixed the same way.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
 
 from ..kd.ensemble import client_logits
+from ..training import fast_layout
 
 
 def expert_weights(counts: torch.Tensor, weighting: str = "counts") -> torch.Tensor:
@@ -69,20 +74,23 @@ def class_experts(states: list[Mapping[str, torch.Tensor]], weights: torch.Tenso
     return experts
 
 
-def expert_logits(model: nn.Module, experts: Mapping[str, torch.Tensor], x: torch.Tensor
-                  ) -> torch.Tensor:
-    """Logits of every expert on ``x``: shape (C_experts, batch, classes), one vmapped call.
+def expert_modules(model_fn: Callable[[], nn.Module], experts: Mapping[str, torch.Tensor],
+                   device: torch.device | str = "cpu") -> list[nn.Module]:
+    """One frozen module per expert (eval mode, channels-last layout, on ``device``),
+    built by ``model_fn`` and loaded with that expert's slice of ``experts``.
 
-    ``model`` only supplies the architecture; it must be in eval mode (BatchNorm
-    uses the experts' running statistics, which vmap cannot update in place).
+    Their logits on classifier inputs, (C_experts, batch, classes), are
+    :func:`~mosaic_flwr.kd.ensemble.client_logits` of the list. BatchNorm uses
+    each expert's mixed running statistics.
     """
-    if model.training:
-        raise ValueError("put the template model in eval mode before evaluating experts")
-
-    def run(state: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, state, (inputs,))
-
-    return vmap(run, in_dims=(0, None))(dict(experts), x)
+    num_experts = len(next(iter(experts.values())))
+    modules = []
+    for e in range(num_experts):
+        module = model_fn()
+        module.load_state_dict({name: value[e] for name, value in experts.items()})
+        module.requires_grad_(False)
+        modules.append(fast_layout(module.to(device)).eval())
+    return modules
 
 
 def mixture_log_probs(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

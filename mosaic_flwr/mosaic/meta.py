@@ -83,7 +83,7 @@ def train_meta_model(meta: MetaModel, logits: torch.Tensor, labels: torch.Tensor
     for epoch in range(1, epochs + 1):
         meta.train()
         order = torch.randperm(n, generator=rng)
-        total = 0.0
+        total = torch.zeros((), device=logits.device)
         for begin in range(0, n, batch_size):
             idx = order[begin:begin + batch_size]
             loss = F.cross_entropy(meta(logits[idx]), labels[idx])
@@ -91,8 +91,9 @@ def train_meta_model(meta: MetaModel, logits: torch.Tensor, labels: torch.Tensor
             loss.backward()
             optimiser.step()
             ema.update(meta)
-            total += float(loss.detach()) * len(idx)
+            total += loss.detach() * len(idx)
         if log_every and (epoch % log_every == 0 or epoch == epochs):
             log(INFO, "[mosaic] meta model epoch %d/%d  loss %.4f  elapsed %.1fs",
-                epoch, epochs, total / max(n, 1), time.monotonic() - start)
+                epoch, epochs, float(total) / max(n, 1),  # host read: every log_every epochs
+                time.monotonic() - start)
     return ema.model

@@ -55,6 +55,9 @@ class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-
     generators: bool = True
     distill_steps: int = 300
     distill_lr: float = 1e-3  # small models from few rounds move further than a converged ResNet
+    # 0: fresh generator samples and teacher outputs every step (the reference);
+    # P > 0: the teacher labels P batches once and every step draws from that pool.
+    distill_pool_batches: int = 30
     samples_per_generator: int = 32
     temperature: float = 1.0
     kl_weight: float = 0.8
@@ -97,11 +100,12 @@ class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-
         (Mosaic's rules are its own: -1 fine-tuning rounds, head-divisible meta dim, ...)."""
         key = self.key
         for name in ("prototypes_per_class", "prototype_min_cluster", "generator_steps",
-                     "generator_batch_size", "generator_latent_dim", "generator_width",
+                     "generator_batch_size", "generator_latent_dim",
                      "meta_batch_size", "meta_dim", "meta_heads", "samples_per_generator"):
             if getattr(self, name) < 1:
                 raise ConfigError(key(name), getattr(self, name), "must be an integer >= 1")
-        for name in ("warmup_rounds", "meta_epochs", "distill_steps", "inversion_max_samples"):
+        for name in ("warmup_rounds", "meta_epochs", "distill_steps", "inversion_max_samples",
+                     "distill_pool_batches", "generator_width"):
             if getattr(self, name) < 0:
                 raise ConfigError(key(name), getattr(self, name), "must be an integer >= 0")
         if self.finetune_rounds < -1:

@@ -36,13 +36,13 @@ from torch import nn
 from ..config import RunConfig
 from ..data.datasets import DATASETS
 from ..kd.distill import DistillWeights, distill_into
-from ..kd.ensemble import head_logits
+from ..kd.ensemble import client_logits, head_logits
 from ..kd.generator import build_generator
 from ..models import Classifier
 from ..records import LABEL_COUNTS, ClientUpload, TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
 from .client import PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES
-from .experts import (class_experts, ensemble_logits, expert_logits, expert_weights,
+from .experts import (class_experts, ensemble_logits, expert_modules, expert_weights,
                       mixed_expert_logits, mixture_log_probs)
 from .meta import MetaModel, train_meta_model
 from .settings import DISTILL, FINETUNE, MosaicSettings
@@ -72,7 +72,10 @@ class MosaicStrategy(TaskStrategy):
     device : str or torch.device (default: "cpu")
         Where the server builds experts, trains the meta model and distils.
     amp : bool (default: True)
-        Mixed precision for distillation on CUDA (no effect on the CPU).
+        Mixed precision for distillation on CUDA.
+    cpu_bf16 : bool (default: True)
+        bfloat16 autocast for the teacher, the generators and the distillation
+        steps on CPUs that compute bfloat16 natively.
     seed : int (default: 0)
         Seeds the server's sampling (prototype batches, generator latents).
     score_fn : ScoreFn, optional
@@ -241,7 +244,9 @@ class MosaicStrategy(TaskStrategy):
         history = distill_into(
             student, teacher, sample, steps=s.distill_steps, lr=s.distill_lr,
             weights=DistillWeights(s.kl_weight, s.ce_weight, s.jsd_weight, s.temperature),
-            device=device, amp=self.amp, log_every=max(1, s.distill_steps // 10))
+            device=device, amp=self.amp, cpu_bf16=self.cpu_bf16,
+            pool_batches=s.distill_pool_batches, rng=rng,
+            log_every=max(1, s.distill_steps // 10))
         if history:
             tail = history[-max(1, len(history) // 10):]
             stats["distill_loss_first"] = history[0]["loss"]
@@ -269,8 +274,8 @@ class MosaicStrategy(TaskStrategy):
         if not self.mixed(uploads):
             states = [u.arrays.to_torch_state_dict() for u in uploads]
             experts = {k: v.to(device) for k, v in class_experts(states, weights).items()}
-            template = self.model_fn().to(device).eval()
-            return (lambda x: expert_logits(template, experts, x).permute(1, 0, 2),
+            modules = expert_modules(self.model_fn, experts, device)
+            return (lambda x: client_logits(modules, x).permute(1, 0, 2),
                     lambda features: head_logits(experts, features))
         probe_w, probe_b = [], []
         for upload in uploads:
