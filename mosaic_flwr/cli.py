@@ -13,6 +13,9 @@ from pathlib import Path
 
 from .errors import ConfigError
 
+RAY_ADDRESS_HELP = ("join an existing Ray cluster (host:port of `ray start --head`) instead of "
+                    "starting a local one")
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mosaic-flwr`` command."""
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="fraction of a GPU per virtual client, e.g. 0.25 (needs CUDA)")
     sim.add_argument("--app", type=Path, default=None,
                      help="Flower app folder (default: this project's)")
+    sim.add_argument("--ray-address", default="", metavar="ADDRESS", help=RAY_ADDRESS_HELP)
     cmp_ = sub.add_parser("compare", help="run several methods over seeds (and alphas) and "
                                           "write comparison.md/.csv/.png")
     cmp_.add_argument("--methods", nargs="+", default=["fedavg", "mosaic"],
@@ -43,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--output-dir", type=Path, default=Path("outputs/comparison"))
     cmp_.add_argument("--cpus-per-client", type=int, default=1)
     cmp_.add_argument("--gpus-per-client", type=float, default=0.0)
+    cmp_.add_argument("--ray-address", default="", metavar="ADDRESS", help=RAY_ADDRESS_HELP)
     local = sub.add_parser("local-only", help="the no-federation reference: every client "
                                               "trains its own model alone")
     local.add_argument("-c", "--run-config", action="append", default=[],
@@ -59,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     # Imported per command, so that --help needs none of it.
-    from .simulation import APP_DIR, parse_overrides, simulate  # pylint: disable=import-outside-toplevel
+    from .simulation import (  # pylint: disable=import-outside-toplevel
+        APP_DIR, LocalSuperLink, parse_overrides, resolve_overrides, simulate)
 
     try:
-        outcome = simulate(parse_overrides(args.run_config), app_dir=args.app or APP_DIR,
-                           output_dir=args.output_dir, cpus_per_client=args.cpus_per_client,
-                           gpus_per_client=args.gpus_per_client, stream=True)
+        overrides = parse_overrides(args.run_config)
+        resolve_overrides(overrides)  # a mistake fails here, before the SuperLink starts
+        with LocalSuperLink(ray_address=args.ray_address) as link:
+            outcome = simulate(overrides, superlink=link, app_dir=args.app or APP_DIR,
+                               output_dir=args.output_dir, cpus_per_client=args.cpus_per_client,
+                               gpus_per_client=args.gpus_per_client, stream=True)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -94,7 +103,7 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = run_comparison(methods, args.seeds, args.alphas or [None], base, args.output_dir,
-                          args.cpus_per_client, args.gpus_per_client)
+                          args.cpus_per_client, args.gpus_per_client, args.ray_address)
     report = (args.output_dir / "comparison.md").resolve()
     print(report.read_text(encoding="utf-8"))
     print(f"report: {report}")

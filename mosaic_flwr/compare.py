@@ -90,12 +90,15 @@ def parse_method(text: str) -> Method:
 
 def run_comparison(methods: list[Method], seeds: list[int], alphas: list[float | None],
                    base: dict[str, Any], output_dir: Path, cpus_per_client: int = 1,
-                   gpus_per_client: float = 0.0) -> list[dict[str, Any]]:
-    """Run every (alpha, seed, method) and write the report; returns one row per run."""
+                   gpus_per_client: float = 0.0, ray_address: str = "") -> list[dict[str, Any]]:
+    """Run every (alpha, seed, method) and write the report; returns one row per run.
+
+    ``ray_address`` (``host:port``) runs them on that Ray cluster, see :class:`LocalSuperLink`.
+    """
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    with LocalSuperLink() as link:
+    with LocalSuperLink(ray_address=ray_address) as link:
         for alpha in alphas:
             for seed in seeds:
                 for method in methods:

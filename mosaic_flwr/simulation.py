@@ -62,18 +62,25 @@ def _bin(name: str) -> str:
 
 
 class LocalSuperLink:
-    """A simulation SuperLink on 127.0.0.1 owned by this process (a context manager)."""
+    """A simulation SuperLink on 127.0.0.1 owned by this process (a context manager).
+
+    ``ray_address`` (``host:port`` of a ``ray start --head``) makes the simulation
+    join that Ray cluster (``RAY_ADDRESS`` in :attr:`env`) instead of starting a
+    local one; empty leaves ``RAY_ADDRESS`` as this process's environment has it.
+    """
 
     #: Seconds the SuperLink may take to answer its health check.
     STARTUP_TIMEOUT = 60.0
 
-    def __init__(self) -> None:
+    def __init__(self, ray_address: str = "") -> None:
         self.home = Path(tempfile.mkdtemp(prefix="mosaic-flwr-home-"))
         self.port = free_port()
         # Flower starts helper executables (flower-superexec, ...) by name: put this
         # interpreter's environment first on PATH, even when it is not activated.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), "PATH": path}
+        if ray_address:
+            self.env["RAY_ADDRESS"] = ray_address
         self.process: subprocess.Popen | None = None
         self.log_path = self.home / "superlink.log"
 
