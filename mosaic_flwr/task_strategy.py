@@ -78,7 +78,8 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
     amp : bool (default: True)
         Mixed precision for server-side training on CUDA.
     cpu_bf16 : bool (default: True)
-        bfloat16 autocast for the server step on CPUs that compute it natively
+        bfloat16 autocast for the server step's frozen forward passes (teachers,
+        generators) on CPUs that compute it natively
         (:func:`mosaic_flwr.training.autocast`).
     seed : int (default: 0)
         Seeds the server step's random draws.

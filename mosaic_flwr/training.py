@@ -45,8 +45,9 @@ def autocast(device: torch.device, enabled: bool = True, cpu_bf16: bool = False
              ) -> contextlib.AbstractContextManager:
     """Mixed precision: on CUDA when ``enabled`` (bfloat16 where supported, else float16);
     on the CPU only when ``cpu_bf16`` is also asked for and the CPU computes bfloat16
-    natively. Callers ask for the CPU path where reduced precision is safe: forward
-    passes of frozen teachers and generators, and distillation steps."""
+    natively. Callers ask for the CPU path only for forward passes of frozen models
+    (teachers, generators being sampled): on the CPU every training step stays
+    float32."""
     if not enabled:
         return contextlib.nullcontext()
     if device.type == "cuda":

@@ -194,7 +194,7 @@ def test_train_generator_runs_the_generator_once_per_step():
     settings = GeneratorSettings(generator_steps=5, generator_batch_size=16, generator_width=8)
     report = train_generator(generator, build_model("cnn", DIGITS, 0.5), images,
                              BatchTransform(DIGITS), settings, torch.device("cpu"),
-                             torch.Generator().manual_seed(0), cpu_bf16=True)
+                             torch.Generator().manual_seed(0))
     assert len(calls) == 5
     assert set(report.first) == {"adversarial", "entropy", "diversity", "inversion", "total",
                                  "discriminator"}

@@ -210,13 +210,12 @@ class DenseStrategy(TaskStrategy):
         log_every = max(1, s.epochs // 10)
         try:
             for epoch in range(1, s.epochs + 1):
-                with autocast(device, self.amp, self.cpu_bf16):
-                    batch, _, last = synthesizer.synthesize(student, self.rng)
-                    pool.append(batch)
-                    with torch.no_grad():
-                        targets.append(client_logits(clients, batch).mean(0).float())
-                    kd = distill_pool(student, optimiser, torch.cat(pool), torch.cat(targets), s,
-                                      self.rng)
+                batch, _, last = synthesizer.synthesize(student, self.rng)
+                pool.append(batch)
+                with torch.no_grad(), autocast(device, self.amp, self.cpu_bf16):  # frozen
+                    targets.append(client_logits(clients, batch).mean(0).float())
+                kd = distill_pool(student, optimiser, torch.cat(pool), torch.cat(targets), s,
+                                  self.rng)
                 if epoch == 1:
                     stats["synthesis_loss_first"] = last["total"]
                 if epoch % log_every == 0 or epoch == s.epochs:

@@ -37,7 +37,7 @@ from ..kd.ensemble import keep_best
 from ..models import Classifier
 from ..records import TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
-from ..training import Regulariser, autocast, fast_layout
+from ..training import Regulariser, fast_layout
 from .settings import FedCOGSettings
 
 #: The node-state record that keeps a client's last trained model (it never leaves the node).
@@ -132,11 +132,10 @@ class FedCOGObjective(ClientPart):
         previous = setup.context.state.array_records.get(LOCAL_MODEL_RECORD)
         local.load_state_dict(previous.to_torch_state_dict() if previous is not None
                               else model.state_dict())
-        with autocast(setup.device, setup.config.amp, setup.config.cpu_bf16):
-            x_syn, _, targets = synthesize_complementary(
-                fast_layout(model.to(setup.device)), fast_layout(local.to(setup.device)),
-                per_class, (setup.spec.channels, setup.spec.image_size, setup.spec.image_size),
-                settings, setup.device, rng)
+        x_syn, _, targets = synthesize_complementary(
+            fast_layout(model.to(setup.device)), fast_layout(local.to(setup.device)), per_class,
+            (setup.spec.channels, setup.spec.image_size, setup.spec.image_size), settings,
+            setup.device, rng)
         metrics["fedcog-seconds"] = time.monotonic() - start
         metrics["fedcog-samples"] = len(x_syn)
         notional = float((counts.max() - counts).sum())

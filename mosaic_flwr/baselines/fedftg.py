@@ -34,7 +34,7 @@ from ..kd.generator import ImageGenerator
 from ..models import Classifier
 from ..records import ClientUpload, TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
-from ..training import autocast, fast_layout
+from ..training import fast_layout
 from .settings import FedFTGSettings
 
 
@@ -156,10 +156,8 @@ class FedFTGStrategy(TaskStrategy):
             stats["student_accuracy_before"] = self.score_fn(student.eval())
         fast_layout(student)
         fast_layout(self.generator)
-        with autocast(self.device, self.amp, self.cpu_bf16):
-            stats.update(fine_tune(student, self.generator, self.client_models(uploads),
-                                   self.label_counts(uploads), self.settings, server_round,
-                                   self.rng))
+        stats.update(fine_tune(student, self.generator, self.client_models(uploads),
+                               self.label_counts(uploads), self.settings, server_round, self.rng))
         if self.score_fn is not None:
             stats["student_accuracy_after"] = self.score_fn(student.eval())
         stats["distill_seconds"] = time.monotonic() - start

@@ -221,14 +221,14 @@ class GeneratorReport:
 
 def train_generator(generator: ImageGenerator, classifier: nn.Module, images: torch.Tensor,
                     transform: BatchTransform, settings: GeneratorSettings,
-                    device: torch.device, rng: torch.Generator, amp: bool = True,
-                    cpu_bf16: bool = False) -> GeneratorReport:
+                    device: torch.device, rng: torch.Generator, amp: bool = True
+                    ) -> GeneratorReport:
     """Train ``generator`` on local ``images`` (uint8 or [0, 1]) against a frozen ``classifier``.
 
     Each step draws one generated batch and uses it twice: detached for the
     discriminator's step, then for the generator's (the DCGAN recipe). Forward
-    passes run under :func:`~mosaic_flwr.training.autocast` (``amp`` on CUDA,
-    ``cpu_bf16`` on the CPU); loss values stay on the device until the end.
+    passes run in mixed precision on CUDA (``amp``) and in float32 on the CPU;
+    loss values stay on the device until the end.
     """
     frozen = fast_layout(copy.deepcopy(classifier).to(device)).eval()
     frozen.requires_grad_(False)
@@ -253,7 +253,7 @@ def train_generator(generator: ImageGenerator, classifier: nn.Module, images: to
         idx = torch.randint(0, len(images), (batch,), generator=rng)
         real = transform(images[idx].to(device), train=True, generator=rng)
         z = torch.randn(batch, generator.latent_dim, generator=rng).to(device)
-        with autocast(device, amp, cpu_bf16):
+        with autocast(device, amp):
             fake = generator(z)
             # Discriminator step: real -> 1, generated -> 0.
             d_loss = (F.binary_cross_entropy_with_logits(discriminator(real).float(), real_label)
@@ -263,7 +263,7 @@ def train_generator(generator: ImageGenerator, classifier: nn.Module, images: to
         d_loss.backward()
         opt_d.step()
         # Generator step, on the same generated batch.
-        with autocast(device, amp, cpu_bf16):
+        with autocast(device, amp):
             loss, terms = generator_objective(generator, frozen, discriminator, z, weights,
                                               bn_stats, fake=fake)
         opt_g.zero_grad(set_to_none=True)

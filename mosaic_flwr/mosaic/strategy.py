@@ -74,8 +74,8 @@ class MosaicStrategy(TaskStrategy):
     amp : bool (default: True)
         Mixed precision for distillation on CUDA.
     cpu_bf16 : bool (default: True)
-        bfloat16 autocast for the teacher, the generators and the distillation
-        steps on CPUs that compute bfloat16 natively.
+        bfloat16 autocast for the frozen teacher and generators on CPUs that
+        compute bfloat16 natively (the student trains in float32).
     seed : int (default: 0)
         Seeds the server's sampling (prototype batches, generator latents).
     score_fn : ScoreFn, optional
