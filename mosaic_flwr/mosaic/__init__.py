@@ -5,7 +5,8 @@ Where each part lives:
 - :mod:`.settings`: every hyper-parameter and the round schedule;
 - :mod:`.prototypes`: per-class k-means feature centres;
 - :mod:`.client`: what a client computes when the strategy asks (stats, generator);
-- :mod:`.experts`: per-class experts as count-weighted averages, evaluated as a loop of frozen channels-last modules;
+- :mod:`.experts`: per-class experts as count-weighted averages, run as frozen
+  channels-last modules;
 - :mod:`.meta`: the attention meta model over expert logits, trained on prototypes;
 - :mod:`.strategy`: :class:`~.strategy.MosaicStrategy`, the Flower strategy.
 
