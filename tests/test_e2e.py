@@ -256,9 +256,10 @@ def test_mosaic_runs_its_whole_schedule_with_three_architectures_under_flwr_run(
     assert all(m["clients_ok"] == 10 and m["clients_failed"] == 0 for m in lines)
     distill = lines[1]  # every client, of every architecture, sent prototypes and a probe head
     assert distill["num_prototypes"] > 0 and distill["generator_seconds_sum"] > 0
-    # The distilled student is the round's global model, and distillation moved it.
+    # The distilled student is the round's global model, and distillation trained it
+    # (after one short warm-up round its test accuracy may still sit at chance).
     assert distill["accuracy"] == distill["student_accuracy_after"]
-    assert distill["student_accuracy_after"] != distill["student_accuracy_before"]
+    assert distill["distill_loss_last"] < 0.9 * distill["distill_loss_first"]
     assert "[mosaic] distillation step 20/20" in outcome.log
     assert "[mosaic] meta model epoch 10/10" in outcome.log
     summary = outcome.summary
