@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from ..data.augment import BatchTransform
 from ..data.datasets import DatasetSpec
-from ..training import autocast, fast_layout
+from ..training import fast_layout
 from .settings import GeneratorSettings
 
 
@@ -221,14 +221,13 @@ class GeneratorReport:
 
 def train_generator(generator: ImageGenerator, classifier: nn.Module, images: torch.Tensor,
                     transform: BatchTransform, settings: GeneratorSettings,
-                    device: torch.device, rng: torch.Generator, amp: bool = True
-                    ) -> GeneratorReport:
+                    device: torch.device, rng: torch.Generator) -> GeneratorReport:
     """Train ``generator`` on local ``images`` (uint8 or [0, 1]) against a frozen ``classifier``.
 
     Each step draws one generated batch and uses it twice: detached for the
-    discriminator's step, then for the generator's (the DCGAN recipe). Forward
-    passes run in mixed precision on CUDA (``amp``) and in float32 on the CPU;
-    loss values stay on the device until the end.
+    discriminator's step, then for the generator's (the DCGAN recipe). It trains
+    in float32 (on the CPU a bfloat16 generator lowered the distilled student,
+    ``docs/results/speed.md``); loss values stay on the device until the end.
     """
     frozen = fast_layout(copy.deepcopy(classifier).to(device)).eval()
     frozen.requires_grad_(False)
@@ -253,19 +252,16 @@ def train_generator(generator: ImageGenerator, classifier: nn.Module, images: to
         idx = torch.randint(0, len(images), (batch,), generator=rng)
         real = transform(images[idx].to(device), train=True, generator=rng)
         z = torch.randn(batch, generator.latent_dim, generator=rng).to(device)
-        with autocast(device, amp):
-            fake = generator(z)
-            # Discriminator step: real -> 1, generated -> 0.
-            d_loss = (F.binary_cross_entropy_with_logits(discriminator(real).float(), real_label)
-                      + F.binary_cross_entropy_with_logits(discriminator(fake.detach()).float(),
-                                                           fake_label))
+        fake = generator(z)
+        # Discriminator step: real -> 1, generated -> 0.
+        d_loss = (F.binary_cross_entropy_with_logits(discriminator(real), real_label)
+                  + F.binary_cross_entropy_with_logits(discriminator(fake.detach()), fake_label))
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
         # Generator step, on the same generated batch.
-        with autocast(device, amp):
-            loss, terms = generator_objective(generator, frozen, discriminator, z, weights,
-                                              bn_stats, fake=fake)
+        loss, terms = generator_objective(generator, frozen, discriminator, z, weights, bn_stats,
+                                          fake=fake)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()

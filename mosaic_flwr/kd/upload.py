@@ -23,11 +23,10 @@ from .settings import GeneratorSettings
 
 def client_generator(classifier: nn.Module, images: torch.Tensor, transform: BatchTransform,
                      spec: DatasetSpec, settings: GeneratorSettings, device: torch.device,
-                     rng: torch.Generator, amp: bool = True) -> tuple[ArrayRecord, GeneratorReport]:
+                     rng: torch.Generator) -> tuple[ArrayRecord, GeneratorReport]:
     """Train this client's generator against its (trained) classifier; its weights and report."""
     generator = build_generator(spec, settings)
-    report = train_generator(generator, classifier, images, transform, settings, device, rng,
-                             amp=amp)
+    report = train_generator(generator, classifier, images, transform, settings, device, rng)
     return ArrayRecord(generator.to("cpu").state_dict()), report
 
 
@@ -40,8 +39,7 @@ class GeneratorUpload(ClientPart):
         start = time.monotonic()
         work.extra[GENERATOR_RECORD], report = client_generator(
             setup.model, setup.images, setup.transform, setup.spec,
-            GeneratorSettings.from_mapping(work.task.settings), setup.device, work.rng,
-            amp=setup.config.amp)
+            GeneratorSettings.from_mapping(work.task.settings), setup.device, work.rng)
         work.metrics["generator-seconds"] = time.monotonic() - start
         work.metrics["generator-loss-first"] = report.first["total"]
         work.metrics["generator-loss-last"] = report.last["total"]
