@@ -101,8 +101,9 @@ def distill_into(student: nn.Module, teacher: Callable[[torch.Tensor], torch.Ten
     if pool_batches:
         draw = _pooled(teacher_pool(teacher, sample, pool_batches, device, amp, cpu_bf16),
                        pool_batches, rng)
-    else:
-        draw = _fresh(teacher, sample, device, amp, cpu_bf16)
+    else:  # a pool of one fresh batch per step
+        def draw() -> tuple[torch.Tensor, torch.Tensor]:
+            return teacher_pool(teacher, sample, 1, device, amp, cpu_bf16)
     history = torch.zeros(steps, 1 + len(TERMS), device=device)
     start = time.monotonic()
     for step in range(steps):
@@ -125,16 +126,6 @@ def distill_into(student: nn.Module, teacher: Callable[[torch.Tensor], torch.Ten
             log(INFO, "[%s] distillation step %d/%d  loss %.4f  (kl %.4f ce %.4f jsd %.4f)"
                 "  elapsed %.1fs", tag, step + 1, steps, *recent, time.monotonic() - start)
     return [dict(zip(("loss", *TERMS), row)) for row in history.tolist()]
-
-
-def _fresh(teacher: Callable[[torch.Tensor], torch.Tensor], sample: Callable[[], torch.Tensor],
-           device: torch.device, amp: bool, cpu_bf16: bool
-           ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-    def draw() -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad(), autocast(device, amp, cpu_bf16):
-            x = sample()
-            return x, teacher(x)
-    return draw
 
 
 def _pooled(pool: tuple[torch.Tensor, torch.Tensor], batches: int, rng: torch.Generator | None
