@@ -163,10 +163,14 @@ class LocalSetup:  # pylint: disable=too-many-instance-attributes
 
 
 def train_settings(config: RunConfig, task: TrainTask | None = None) -> TrainSettings:
-    """Local-training settings for a task; the proximal term is on only for FedProx."""
+    """Local-training settings for a task; the proximal term is on only for FedProx.
+
+    A task's own ``local_steps`` or ``local_epochs`` wins over the run's; otherwise
+    ``local-steps`` (when > 0) replaces ``local-epochs``."""
     task = task or TrainTask()
+    steps = task.local_steps or (0 if task.local_epochs else config.local_steps)
     return TrainSettings(
-        epochs=task.local_epochs or config.local_epochs, batch_size=config.batch_size,
+        epochs=task.local_epochs or config.local_epochs, steps=steps, batch_size=config.batch_size,
         learning_rate=config.learning_rate * task.learning_rate_scale, momentum=config.momentum,
         weight_decay=config.weight_decay,
         proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,

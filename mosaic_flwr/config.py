@@ -71,6 +71,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     fraction_evaluate: float = 0.0
     num_server_rounds: int = 20
     local_epochs: int = 5
+    local_steps: int = 0
     batch_size: int = 32
     learning_rate: float = 0.05
     momentum: float = 0.9
@@ -202,7 +203,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         if math.ceil(self.fraction_train * self.num_clients) < self.min_clients:
             raise ConfigError("fraction-train", self.fraction_train,
                               f"samples fewer clients than min-clients ({self.min_clients})")
-        for key in ("momentum", "weight-decay", "proximal-mu"):
+        for key in ("momentum", "weight-decay", "proximal-mu", "local-steps"):
             if getattr(self, _field(key)) < 0:
                 raise ConfigError(key, getattr(self, _field(key)), "must be >= 0")
         if self.output_dir and not Path(self.output_dir).is_absolute():

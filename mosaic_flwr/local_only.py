@@ -33,8 +33,9 @@ def local_only(config: RunConfig) -> list[dict]:
     device = select_device(config.device)
     transform = BatchTransform(data.spec, device)
     test_images, test_labels = torch.from_numpy(data.test_images), torch.from_numpy(data.test_labels)
-    settings = train_settings(config, TrainTask(local_epochs=config.num_server_rounds
-                                                * config.local_epochs))
+    settings = train_settings(config, TrainTask(
+        local_epochs=config.num_server_rounds * config.local_epochs,
+        local_steps=config.num_server_rounds * config.local_steps))
     rows = []
     for pid in range(config.num_clients):
         spec = client_model_spec(config, pid)

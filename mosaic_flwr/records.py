@@ -54,6 +54,9 @@ class TrainTask:
         Multiplies the client's learning rate (Mosaic's fine-tuning rounds).
     local_epochs : int
         Epochs of local training; 0 means the run config's ``local-epochs``.
+    local_steps : int
+        SGD steps of local training instead of epochs; 0 means the run config's
+        ``local-steps`` unless ``local_epochs`` is set.
     objective : str
         The local training objective: ``""`` (cross-entropy, plus FedProx's
         term under FedProx), ``"fedgen"`` or ``"fedcog"``; see
@@ -82,6 +85,7 @@ class TrainTask:
     phase: str = "train"
     learning_rate_scale: float = 1.0
     local_epochs: int = 0
+    local_steps: int = 0
     objective: str = ""
     upload_counts: bool = False
     upload_stats: bool = False
@@ -95,7 +99,8 @@ class TrainTask:
         """The task as a ConfigRecord for the instruction message."""
         record: dict[str, Any] = {
             "phase": self.phase, "learning-rate-scale": self.learning_rate_scale,
-            "local-epochs": self.local_epochs, "objective": self.objective,
+            "local-epochs": self.local_epochs, "local-steps": self.local_steps,
+            "objective": self.objective,
             "upload-counts": self.upload_counts, "upload-stats": self.upload_stats,
             "upload-generator": self.upload_generator, "keep-model": self.keep_model,
             "arrays-model": self.arrays_model, "slicing": self.slicing}
@@ -112,6 +117,7 @@ class TrainTask:
             phase=str(record.get("phase", "train")),
             learning_rate_scale=float(record.get("learning-rate-scale", 1.0)),
             local_epochs=int(record.get("local-epochs", 0)),
+            local_steps=int(record.get("local-steps", 0)),
             objective=str(record.get("objective", "")),
             upload_counts=bool(record.get("upload-counts", False)),
             upload_stats=bool(record.get("upload-stats", False)),

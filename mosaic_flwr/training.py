@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -79,6 +80,7 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
+    steps: int = 0  # > 0: exactly this many SGD steps (batches), whatever ``epochs`` says
     augment: bool = True
     amp: bool = True
 
@@ -112,13 +114,19 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     loss_fn = nn.CrossEntropyLoss()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    seen, n = 0, len(labels)
-    for _ in range(settings.epochs):
+    seen, n, steps = 0, len(labels), 0
+    passes = itertools.count() if settings.steps > 0 else range(settings.epochs)
+    for _ in passes:
+        if settings.steps > 0 and (steps == settings.steps or n == 0):
+            break
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, settings.batch_size):
+            if settings.steps > 0 and steps == settings.steps:
+                break
             idx = order[start:start + settings.batch_size]
             if len(idx) < 2 and n >= 2:
                 continue  # a batch of one breaks BatchNorm and adds only noise
+            steps += 1
             x = images[idx].to(device, non_blocking=True)
             y = labels[idx].to(device, non_blocking=True)
             x = transform(x, train=settings.augment, generator=generator)

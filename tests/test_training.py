@@ -2,8 +2,12 @@
 
 import torch
 
+from mosaic_flwr.client import train_settings
+from mosaic_flwr.config import RunConfig
 from mosaic_flwr.data import DATASETS, BatchTransform, load_dataset
 from mosaic_flwr.models import build_model
+from mosaic_flwr.records import TrainTask
+from mosaic_flwr.strategies import build_strategy
 from mosaic_flwr import training
 from mosaic_flwr.training import TrainSettings, autocast, evaluate, fast_layout, train
 
@@ -99,3 +103,32 @@ def test_uint8_images_train_and_evaluate_like_their_float_copies():
     model = build_model("cnn", SPEC)
     assert evaluate(model, pixels, labels, transform, CPU) == \
         evaluate(model, pixels.float() / 255, labels, transform, CPU)
+
+
+def test_local_steps_count_sgd_steps_across_epochs():
+    """``steps`` trains exactly that many batches, reshuffling when a pass ends; ten steps
+    over 300 samples in batches of 32 are exactly one epoch."""
+    calls = []
+
+    def count(model, x, y, logits):  # pylint: disable=unused-argument
+        calls.append(len(y))
+        return torch.zeros(())
+
+    images, labels = digits_subset()
+    train(build_model("cnn", SPEC), images, labels, BatchTransform(SPEC),
+          TrainSettings(epochs=1, steps=25, batch_size=32, learning_rate=0.05), CPU,
+          torch.Generator().manual_seed(0), count)
+    assert len(calls) == 25 and calls[9] == 12 and calls[10] == 32
+    by_steps, _ = trained(TrainSettings(epochs=5, steps=10, batch_size=32, learning_rate=0.05))
+    by_epoch, _ = trained(TrainSettings(epochs=1, batch_size=32, learning_rate=0.05))
+    assert all(torch.equal(a, b) for a, b in zip(by_steps.state_dict().values(),
+                                                 by_epoch.state_dict().values()))
+
+
+def test_local_steps_key_reaches_every_kind_of_task():
+    config = RunConfig.from_mapping({"local-steps": 7, "local-epochs": 2})
+    assert (train_settings(config).steps, train_settings(config).epochs) == (7, 2)
+    assert train_settings(config, TrainTask(local_epochs=3)).steps == 0  # a task's own epochs win
+    assert train_settings(config, TrainTask(local_steps=70)).steps == 70
+    dense = RunConfig.from_mapping({"strategy": "dense", "local-steps": 7, "num-server-rounds": 4})
+    assert build_strategy(dense).task_for(1).local_steps == 28

@@ -145,6 +145,8 @@ class DenseStrategy(TaskStrategy):
     settings : DenseSettings (default: DenseSettings())
     local_epochs : int (default: 0)
         Epochs of the clients' one local training (0: the run config's).
+    local_steps : int (default: 0)
+        SGD steps of that training instead of epochs (0: epochs).
     **kwargs
         Passed to :class:`~mosaic_flwr.task_strategy.TaskStrategy` and FedAvg.
     """
@@ -154,24 +156,28 @@ class DenseStrategy(TaskStrategy):
     def __init__(self, model_fn: Callable[[], Classifier],
                  generator_fn: Callable[[], ImageGenerator],
                  settings: DenseSettings | None = None, *, local_epochs: int = 0,
-                 **kwargs) -> None:
+                 local_steps: int = 0, **kwargs) -> None:
         super().__init__(model_fn, **kwargs)
         self.settings = settings or DenseSettings()
         self.settings.validate()
         self.synthesis_generator_fn = generator_fn
         self.local_epochs = local_epochs
+        self.local_steps = local_steps
 
     @classmethod
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
                     **kwargs) -> "DenseStrategy":
         """The strategy for a run config; clients train ``local-epochs x num-server-rounds``
-        epochs unless ``dense-local-epochs`` says otherwise."""
+        epochs (``local-steps x num-server-rounds`` steps when ``local-steps`` is set) unless
+        ``dense-local-epochs`` says otherwise."""
         spec = DATASETS[config.dataset]
         settings = config.dense
         epochs = settings.local_epochs or config.local_epochs * config.num_server_rounds
+        steps = 0 if settings.local_epochs else config.local_steps * config.num_server_rounds
         return cls(model_fn_for(config),
                    lambda: ImageGenerator(spec, settings.latent_dim, settings.generator_width),
-                   settings, local_epochs=epochs, **server_options(config, score_fn), **kwargs)
+                   settings, local_epochs=epochs, local_steps=steps,
+                   **server_options(config, score_fn), **kwargs)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
@@ -187,8 +193,9 @@ class DenseStrategy(TaskStrategy):
                              evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
 
     def task_for(self, server_round: int) -> TrainTask:
-        """The one round: local training for ``local_epochs`` epochs."""
-        return TrainTask(phase="one-shot", local_epochs=self.local_epochs)
+        """The one round: local training for ``local_epochs`` epochs (or ``local_steps``)."""
+        return TrainTask(phase="one-shot", local_epochs=self.local_epochs,
+                         local_steps=self.local_steps)
 
     def server_step(self, server_round: int, uploads: list[ClientUpload], arrays: ArrayRecord
                     ) -> tuple[ArrayRecord, dict[str, float]]:
