@@ -3,7 +3,10 @@
 The ServerApp builds ``MosaicStrategy`` directly and calls ``start`` as with
 Flower's ``FedAvg``. The ClientApp keeps its own training loop and data; it only
 reads the strategy's ``TrainTask`` and, when asked, adds the two Mosaic records
-with the tensor-level helpers. Nothing here uses this project's run config.
+with the tensor-level helpers. Its evaluate handler reports ``local-accuracy``
+and ``num-examples``, which Mosaic's federated checks read (without it the
+distilled model and the fine-tuning averages are kept unchecked). Nothing here uses
+this project's run config.
 
 Wire it in your ``pyproject.toml`` as ``serverapp = "existing_app:server"`` and
 ``clientapp = "existing_app:client"`` (``tests/test_examples.py`` runs it
@@ -106,3 +109,17 @@ def client_train(msg: Message, context: Context) -> Message:
     content["metrics"] = MetricRecord({"num-examples": len(labels),
                                        "train-loss": float(loss.detach())})
     return Message(content, reply_to=msg)
+
+
+@client.evaluate()
+def client_evaluate(msg: Message, context: Context) -> Message:
+    """Score the received model on this client's data: what Mosaic's federated check asks."""
+    images, labels = my_client_data(int(context.node_config["partition-id"]))
+    model = MyNet()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    with torch.no_grad():
+        predictions = model.eval()(BatchTransform(SPEC)(images, train=False)).argmax(1)
+    accuracy = float((predictions == labels).float().mean())
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": len(labels),
+                                                        "local-accuracy": accuracy})}),
+                   reply_to=msg)

@@ -33,7 +33,7 @@ from .config import RunConfig
 from .data import DATASETS, BatchTransform, client_indices, load_dataset
 from .kd.upload import GeneratorUpload
 from .models import Classifier, ModelSpec
-from .mosaic.client import MosaicStatistics
+from .mosaic.client import FinetuneAnchor, MosaicStatistics
 from .node import NodeSettings
 from .records import (CLIENT_RECORD, GLOBAL_MODEL_RECORD, LABEL_COUNTS, STATS_RECORD, TrainTask,
                       label_counts_array)
@@ -190,6 +190,7 @@ class LabelCounts(ClientPart):
 OBJECTIVES: dict[str, Callable[[], ClientPart]] = {
     "fedgen": FedGenObjective,
     "fedcog": FedCOGObjective,
+    "mosaic-anchor": FinetuneAnchor,
 }
 
 

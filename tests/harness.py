@@ -45,13 +45,17 @@ BASE: dict[str, Any] = {"partitioner": "dirichlet", "dirichlet-alpha": 0.3, "num
 
 #: A short, cheap Mosaic schedule: warm-up round 1, distillation in round 2,
 #: fine-tuning round 3 (learning rate x 0.1), with small generators and meta model.
+#: The trust checks and the fine-tuning anchor are off: the paper's algorithm, so the
+#: distillation round always distils (their own tests turn them on:
+#: ``tests/test_mosaic_trust.py``, ``tests/test_mosaic_strategy.py``).
 MOSAIC: dict[str, Any] = {
     "strategy": "mosaic", "num-server-rounds": 3, "mosaic-warmup-rounds": 1,
     "mosaic-finetune-rounds": 1, "mosaic-finetune-lr-scale": 0.1,
     "mosaic-generator-steps": 4, "mosaic-generator-width": 8, "mosaic-generator-latent-dim": 8,
     "mosaic-meta-epochs": 3, "mosaic-meta-dim": 20, "mosaic-meta-heads": 2,
     "mosaic-distill-steps": 5, "mosaic-samples-per-generator": 8,
-    "mosaic-prototypes-per-class": 3}
+    "mosaic-prototypes-per-class": 3, "mosaic-trust": False,
+    "mosaic-finetune-anchor": 0.0}
 
 #: Width groups for HeteroFL / FedRolex: two full-width clients, a half and a quarter.
 WIDTHS = "0-1:cnn@1,2:cnn@0.5,3:cnn@0.25"

@@ -75,7 +75,8 @@ def train(msg, context):
 MOSAIC = {"strategy": "mosaic", "partitioner": "dirichlet", "dirichlet-alpha": 0.1,
           "num-server-rounds": 3, "local-epochs": 1, "mosaic-warmup-rounds": 1,
           "mosaic-generator-steps": 20, "mosaic-meta-epochs": 10, "mosaic-distill-steps": 20,
-          "global-model": "cnn", "client-models": "cnn,resnet8@0.5,resnet18@0.25"}
+          "global-model": "cnn", "client-models": "cnn,resnet8@0.5,resnet18@0.25",
+          "mosaic-trust": False}
 
 #: The compare command's shared settings: 4 label-skewed clients, 2 short rounds.
 COMPARE = {"partitioner": "dirichlet", "dirichlet-alpha": 0.1, "num-clients": 4,

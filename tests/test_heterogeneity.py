@@ -200,7 +200,7 @@ def test_width_strategies_train_sub_models_and_average_them_slice_wise(strategy,
 
 def test_mosaic_combines_three_architectures_through_probe_heads():
     run = run_inline({**TINY["mosaic"], "num-server-rounds": 2, "mosaic-finetune-rounds": 0,
-                      "global-model": "cnn", "client-models": FAMILIES})
+                      "global-model": "cnn", "client-models": FAMILIES, "mosaic-trust": True})
     assert run.reply_models() == {0: "cnn@1", 1: "cnn@1", 2: "resnet8@0.5", 3: "resnet18@0.25"}
     stats = [m.content[STATS_RECORD] for m in run.grid.replies if STATS_RECORD in m.content]
     assert len(stats) == 4 and all(PROBE_WEIGHT in s for s in stats)
@@ -215,6 +215,8 @@ def test_mosaic_combines_three_architectures_through_probe_heads():
     assert step["num_prototypes"] == sum(len(s[PROTOTYPES].numpy()) for s in stats)
     assert step["student_accuracy_after"] == run.accuracies[2]
     assert step["distill_loss_last"] != step["distill_loss_first"]
+    # Clients of every architecture score the global candidates of the federated check.
+    assert step["federated_check_clients"] == 4
 
 
 @pytest.mark.parametrize("strategy", ["dense", "feddf"])

@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from harness import TINY, InlineGrid, partition_id, run_inline, server_round
 
 from mosaic_flwr.aggregation import average_arrays
-from mosaic_flwr.client import handle_train
+from mosaic_flwr.client import handle_evaluate, handle_train
 from mosaic_flwr.config import RunConfig
 from mosaic_flwr.data import client_indices, load_dataset
 from mosaic_flwr.data.augment import BatchTransform
@@ -44,6 +44,12 @@ def test_tasks_follow_the_schedule(mosaic):
     assert by_round[3]["phase"] == "finetune" and not by_round[3]["upload-generator"]
     assert by_round[3]["learning-rate-scale"] == mosaic.overrides["mosaic-finetune-lr-scale"]
     assert by_round[1]["learning-rate-scale"] == 1.0
+    assert all(by_round[r]["objective"] == "" for r in (1, 2, 3))  # the anchor is off here
+    # By default, fine-tuning anchors local training to the distilled model (FinetuneAnchor).
+    strategy = build_strategy(RunConfig.from_mapping({**TINY["mosaic"], "mosaic-finetune-anchor": 1.0}))
+    task = strategy.task_for(3)
+    assert task.objective == "mosaic-anchor" and task.settings["finetune_anchor"] == 1.0
+    assert strategy.task_for(1).objective == strategy.task_for(2).objective == ""
 
 
 def test_distillation_round_records_its_phase_metrics(mosaic):
@@ -74,6 +80,55 @@ def test_distillation_changes_the_averaged_model(mosaic):
     distilled = mosaic.sent_in_round(3)[0].content.array_records["arrays"]
     diffs = [np.abs(distilled[k].numpy() - average[k].numpy()).max() for k in average.keys()]
     assert max(diffs) > 1e-4
+
+
+def rigged_evaluate(incumbent: float, candidate: float):
+    """An evaluate handler whose nodes report ``incumbent`` for the first model of each pair
+    they are sent and ``candidate`` for the second: the federated check sends the model
+    in place first (the student before distillation, the model a fine-tuning round
+    started from), then the one that would replace it."""
+    seen: dict[int, int] = {}
+
+    def handler(msg: Message, context: Context) -> Message:
+        reply = handle_evaluate(msg, context)
+        node = msg.metadata.dst_node_id
+        seen[node] = seen.get(node, 0) + 1
+        reply.content["metrics"]["local-accuracy"] = incumbent if seen[node] % 2 else candidate
+        return reply
+    return handler
+
+
+@pytest.mark.parametrize("before, distilled", [(0.9, 0.1), (0.1, 0.9)])
+def test_the_distilled_student_is_kept_only_if_the_clients_score_it_no_lower(before, distilled):
+    run = run_inline({**DISTILL_ONLY, "mosaic-trust": True}, evaluate=rigged_evaluate(before, distilled))
+    stats = run.round_stats[1]
+    assert stats["federated_check_clients"] == run.config.num_clients
+    assert stats["federated_accuracy_before"] == pytest.approx(before)
+    assert stats["federated_accuracy_distilled"] == pytest.approx(distilled)
+    assert stats["meta_used"] == float(stats["meta_holdout_accuracy"] >= stats["ensemble_holdout_accuracy"])
+    average, _ = run.strategy.average(run.replies_in_round(1))
+    final = run.result.arrays
+    unchanged = all(np.array_equal(final[k].numpy(), average[k].numpy()) for k in average.keys())
+    assert unchanged == (distilled < before) == (stats["distilled"] == 0.0)
+    assert stats["student_accuracy_after"] == run.accuracies[1]
+    if unchanged:
+        assert stats["student_accuracy_after"] == stats["student_accuracy_before"]
+    else:
+        assert stats["student_accuracy_after"] == stats["student_accuracy_distilled"]
+
+
+@pytest.mark.parametrize("start, average", [(0.9, 0.1), (0.1, 0.9)])
+def test_a_fine_tuning_average_replaces_the_model_only_if_the_clients_score_it_no_lower(
+        start, average):
+    run = run_inline({**TINY["mosaic"], "mosaic-trust": True}, evaluate=rigged_evaluate(start, average))
+    stats = run.round_stats[3]
+    assert stats["phase"] == "finetune" and stats["federated_check_clients"] == run.config.num_clients
+    assert (stats["federated_accuracy_start"], stats["federated_accuracy_average"]) == \
+        pytest.approx((start, average))
+    started = run.sent_in_round(3)[0].content.array_records["arrays"]
+    final = run.result.arrays
+    unchanged = all(np.array_equal(final[k].numpy(), started[k].numpy()) for k in started.keys())
+    assert unchanged == (stats["finetune_kept"] == 0.0) == (average < start)
 
 
 def test_training_after_distillation_beats_the_untrained_model(mosaic):

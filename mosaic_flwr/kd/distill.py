@@ -81,7 +81,8 @@ def distill_into(student: nn.Module, teacher: Callable[[torch.Tensor], torch.Ten
                  sample: Callable[[], torch.Tensor], *, steps: int, lr: float,
                  weights: DistillWeights, device: torch.device, amp: bool = True,
                  cpu_bf16: bool = False, pool_batches: int = 0,
-                 rng: torch.Generator | None = None, log_every: int = 0, cosine: bool = False,
+                 rng: torch.Generator | None = None, classes: torch.Tensor | None = None,
+                 log_every: int = 0, cosine: bool = False,
                  max_grad_norm: float = 0.0, tag: str = "mosaic") -> list[dict[str, float]]:
     """Train ``student`` with Adam to match ``teacher`` for ``steps`` batches.
 
@@ -89,7 +90,9 @@ def distill_into(student: nn.Module, teacher: Callable[[torch.Tensor], torch.Ten
     With ``pool_batches = 0`` every step draws a fresh batch from ``sample()``;
     with ``pool_batches = P`` the teacher labels P draws once (see
     :func:`teacher_pool`) and each step takes a batch of the same size from
-    that pool, chosen with ``rng``. ``cosine`` anneals the learning rate to 0
+    that pool, chosen with ``rng``. ``classes`` (indices) restricts the loss to
+    those classes' logits, renormalised among them: a class no client of the
+    round holds is then neither taught nor unlearnt. ``cosine`` anneals the learning rate to 0
     over the steps, ``max_grad_norm`` clips gradients (FedDF uses both); ``tag``
     prefixes the log lines. Returns one record of loss terms per step.
     """
@@ -104,12 +107,16 @@ def distill_into(student: nn.Module, teacher: Callable[[torch.Tensor], torch.Ten
     else:  # a pool of one fresh batch per step
         def draw() -> tuple[torch.Tensor, torch.Tensor]:
             return teacher_pool(teacher, sample, 1, device, amp, cpu_bf16)
+    if classes is not None:
+        classes = classes.to(device)
     history = torch.zeros(steps, 1 + len(TERMS), device=device)
     start = time.monotonic()
     for step in range(steps):
         x, target = draw()
         with autocast(device, amp):  # the student trains in float32 on the CPU
             out = student(x)
+        if classes is not None:
+            out, target = out.index_select(1, classes), target.index_select(1, classes)
         loss, terms = distillation_loss(out, target, weights)
         optimiser.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

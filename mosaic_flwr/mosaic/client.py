@@ -15,11 +15,12 @@ import time
 import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
+from torch.nn import functional as F
 
 from ..client_part import ClientPart, ClientWork
 from ..data.augment import BatchTransform
 from ..records import LABEL_COUNTS, STATS_RECORD, label_counts_array
-from ..training import fast_layout
+from ..training import Regulariser, fast_layout
 from .prototypes import prototype_centres
 from .settings import MosaicSettings
 
@@ -130,3 +131,39 @@ class MosaicStatistics(ClientPart):
         work.extra[STATS_RECORD] = ArrayRecord({
             **dict(work.extra[STATS_RECORD].items()),
             **probe_head(self.features, logits, self.global_head)})
+
+
+def not_true_distillation(logits: torch.Tensor, anchor_logits: torch.Tensor, labels: torch.Tensor,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """KL(anchor || model) over each sample's classes other than its label (FedNTD, Lee et
+    al. 2022): both distributions are renormalised over the C - 1 "not-true" classes and
+    compared at ``temperature`` (scaled by T^2). It leaves the true class to the
+    cross-entropy and keeps what the anchor knows about the other classes."""
+    batch, classes = logits.shape
+    keep = ~F.one_hot(labels, classes).bool()
+    student = F.log_softmax(logits.float()[keep].view(batch, classes - 1) / temperature, 1)
+    teacher = F.log_softmax(anchor_logits.float()[keep].view(batch, classes - 1) / temperature, 1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+class FinetuneAnchor(ClientPart):
+    """Mosaic's fine-tuning rounds: local training also matches the received (distilled)
+    model on the classes other than each sample's label, with weight
+    ``finetune_anchor``, so that training on a few classes does not undo what the
+    global model learnt about the others."""
+
+    def before_training(self, work: ClientWork) -> Regulariser | None:
+        settings = MosaicSettings.from_mapping(work.task.settings)
+        if settings.finetune_anchor == 0:
+            return None
+        anchor = fast_layout(copy.deepcopy(work.setup.model).to(work.setup.device))
+        anchor.eval().requires_grad_(False)
+        weight, temperature = settings.finetune_anchor, settings.temperature
+
+        def regulariser(model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # pylint: disable=unused-argument
+                        logits: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                anchor_logits = anchor(x)
+            return weight * not_true_distillation(logits, anchor_logits, y, temperature)
+
+        return regulariser

@@ -37,6 +37,9 @@ class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-
     warmup_rounds: int = 15
     finetune_rounds: int = -1
     finetune_lr_scale: float = 0.1  # reference: client lr 0.01 -> 1e-4 after distillation
+    # Not in the reference: fine-tuning also distils the received model on each sample's
+    # not-true classes (FedNTD's term, its default weight 1), so it keeps the distilled gain.
+    finetune_anchor: float = 1.0
     # Prototypes: k-means centres per class of the global model's features.
     prototypes_per_class: int = 10
     prototype_min_cluster: int = 2  # a centre averages at least this many samples
@@ -63,6 +66,14 @@ class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-
     kl_weight: float = 0.8
     ce_weight: float = 0.2
     jsd_weight: float = 1.0
+    # The distillation round asks this share of the connected clients, at least
+    # fraction-train's: the teacher is built once, from that round's clients only.
+    distill_fraction: float = 1.0
+    # Trust checks (not in the reference; mosaic/trust.py): the meta model must match
+    # the count-weighted ensemble on held-out prototypes, and the round's clients must
+    # score the distilled student at least as high as the one before on their own data.
+    trust: bool = True
+    trust_holdout: float = 0.2  # share of each (client, class) group of prototypes held out
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -114,13 +125,17 @@ class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-
         for name in ("finetune_lr_scale", "generator_lr", "meta_lr", "distill_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(key(name), getattr(self, name), "must be > 0")
-        for name in ("adversarial_weight", "entropy_weight", "diversity_weight",
+        for name in ("finetune_anchor", "adversarial_weight", "entropy_weight", "diversity_weight",
                      "inversion_weight", "kl_weight", "ce_weight", "jsd_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(key(name), getattr(self, name), "must be >= 0")
         if self.kl_weight + self.ce_weight + self.jsd_weight == 0:
             raise ConfigError(key("kl_weight"), self.kl_weight,
                               "kl, ce and jsd weights are all 0: distillation would learn nothing")
+        if not 0 < self.distill_fraction <= 1:
+            raise ConfigError(key("distill_fraction"), self.distill_fraction, "must be in (0, 1]")
+        if not 0 <= self.trust_holdout < 1:
+            raise ConfigError(key("trust_holdout"), self.trust_holdout, "must be in [0, 1)")
         if not 0 <= self.meta_ema < 1:
             raise ConfigError(key("meta_ema"), self.meta_ema, "must be in [0, 1)")
         if not 0 <= self.meta_dropout < 1:

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import time
 from logging import INFO
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
@@ -46,6 +46,7 @@ from .experts import (class_experts, ensemble_logits, expert_modules, expert_wei
                       mixed_expert_logits, mixture_log_probs)
 from .meta import MetaModel, train_meta_model
 from .settings import DISTILL, FINETUNE, MosaicSettings
+from .trust import holdout_split, local_scores, pooled_accuracy
 
 
 class MosaicStrategy(TaskStrategy):
@@ -96,6 +97,11 @@ class MosaicStrategy(TaskStrategy):
         super().__init__(model_fn, generator_fn=generator_fn, **kwargs)
         self.settings = settings or MosaicSettings()
         self.settings.validate()
+        # Where the distillation round's federated check sends its evaluate messages
+        # (set by start() and configure_train()).
+        self._grid: Grid | None = None
+        self._evaluate_config = ConfigRecord()
+        self._timeout: float | None = None
         with torch.no_grad():
             self.input_shape = tuple(generator_fn().eval().sample(1).shape[1:])
 
@@ -132,27 +138,61 @@ class MosaicStrategy(TaskStrategy):
         problem = self.settings.schedule_problem(num_rounds)
         if problem:
             raise ValueError(problem)
+        self._evaluate_config = evaluate_config or ConfigRecord()
+        self._timeout = timeout
         return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
                              timeout=timeout, train_config=train_config,
                              evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The round's instructions; the distillation round samples at least
+        ``distill_fraction`` of the connected nodes (all of them by default): the teacher
+        is built once, from that round's clients only."""
+        self._grid = grid
+        fraction = self.fraction_train
+        if self.settings.phase(server_round) == DISTILL:
+            self.fraction_train = max(fraction, self.settings.distill_fraction)
+        try:
+            return super().configure_train(server_round, arrays, config, grid)
+        finally:
+            self.fraction_train = fraction
+
     def task_for(self, server_round: int) -> TrainTask:
         """What clients are asked to do in a round."""
         phase = self.settings.phase(server_round)
-        distill = phase == DISTILL
+        distill, finetune = phase == DISTILL, phase == FINETUNE
+        anchor = finetune and self.settings.finetune_anchor > 0
         return TrainTask(
             phase=phase,
-            learning_rate_scale=self.settings.finetune_lr_scale if phase == FINETUNE else 1.0,
+            learning_rate_scale=self.settings.finetune_lr_scale if finetune else 1.0,
+            objective="mosaic-anchor" if anchor else "",
             upload_stats=distill,
             upload_generator=distill and self.settings.generators,
-            settings=self.settings.to_mapping() if distill else {})
+            settings=self.settings.to_mapping() if distill or anchor else {})
 
     def server_step(self, server_round: int, uploads: list[ClientUpload], arrays: ArrayRecord
                     ) -> tuple[ArrayRecord, dict[str, float]]:
-        """In the distillation round, distil the teacher into the average."""
-        if self.settings.phase(server_round) != DISTILL:
-            return arrays, {}
-        return self.distill_round(uploads, arrays)
+        """In the distillation round, distil the teacher into the average; in a fine-tuning
+        round with the trust checks on, keep the average only if the clients prefer it."""
+        phase = self.settings.phase(server_round)
+        if phase == DISTILL:
+            return self.distill_round(uploads, arrays, server_round)
+        if phase == FINETUNE and self.settings.trust:
+            return self.finetune_check(server_round, uploads, arrays)
+        return arrays, {}
+
+    def finetune_check(self, server_round: int, uploads: list[ClientUpload], average: ArrayRecord
+                       ) -> tuple[ArrayRecord, dict[str, float]]:
+        """A fine-tuning round's average replaces the global model only if the round's
+        clients score it at least as high as the model the round started from, so that
+        fine-tuning cannot undo the distilled gain (:meth:`_clients_prefer`)."""
+        stats: dict[str, float] = {}
+        keep, verdict = self._clients_prefer(server_round, uploads, self._global_arrays, average,
+                                             ("start", "average"), stats)
+        stats["finetune_kept"] = float(keep)
+        log(INFO, "[mosaic] fine-tuning average %s: %s", "kept" if keep else "discarded", verdict)
+        return (average if keep else self._global_arrays), stats
 
     def stats_problem(self, stats: ArrayRecord, task: TrainTask, model: str) -> str:
         """The distillation round's uploads: label counts, prototypes with their labels, and
@@ -186,9 +226,10 @@ class MosaicStrategy(TaskStrategy):
         return ""
 
     # ------------------------------------------------------------ the Mosaic step
-    def distill_round(self, uploads: list[ClientUpload], global_arrays: ArrayRecord
-                      ) -> tuple[ArrayRecord, dict[str, float]]:
-        """Experts, meta model and distillation from the distillation round's uploads."""
+    def distill_round(self, uploads: list[ClientUpload], global_arrays: ArrayRecord,
+                      server_round: int = 0) -> tuple[ArrayRecord, dict[str, float]]:
+        """Experts, meta model and distillation from the distillation round's uploads,
+        each step kept only as far as the trust checks support it (:mod:`.trust`)."""
         s, device = self.settings, self.device
         rng = torch.Generator().manual_seed(self.seed)
         stats: dict[str, float] = {}
@@ -198,34 +239,12 @@ class MosaicStrategy(TaskStrategy):
         weights = expert_weights(counts, s.expert_weighting)
         experts_on, on_features = self._experts(uploads, weights)
         class_share = counts.sum(0).double().to(device)
+        held = torch.nonzero(class_share > 0).flatten()
+        stats["classes_held"] = len(held)
         stats["experts_seconds"] = time.monotonic() - start
 
         start = time.monotonic()
-        protos = torch.cat([torch.from_numpy(u.stats[PROTOTYPES].numpy())
-                            for u in uploads]).to(device)
-        proto_labels = torch.cat([torch.from_numpy(u.stats[PROTOTYPE_LABELS].numpy())
-                                  for u in uploads]).to(device)
-        stats["num_prototypes"] = len(protos)
-        with torch.no_grad():
-            proto_logits = on_features(protos).float()
-
-        def ensemble(logits: torch.Tensor) -> torch.Tensor:
-            return ensemble_logits(logits, class_share)
-
-        fuse: Callable[[torch.Tensor], torch.Tensor] = ensemble
-        if s.meta_model and len(protos) > 0:
-            log(INFO, "[mosaic] training the meta model on %d prototypes from %d clients",
-                len(protos), len(uploads))
-            meta = MetaModel(weights.shape[1], self.num_classes, s.meta_dim, s.meta_heads,
-                             s.meta_dropout).to(device)
-            fuse = train_meta_model(meta, proto_logits, proto_labels, epochs=s.meta_epochs,
-                                    lr=s.meta_lr, batch_size=s.meta_batch_size,
-                                    ema_decay=s.meta_ema, rng=rng,
-                                    log_every=max(1, s.meta_epochs // 5))
-        if len(protos):
-            with torch.no_grad():
-                stats["ensemble_prototype_accuracy"] = _accuracy(ensemble(proto_logits), proto_labels)
-                stats["meta_prototype_accuracy"] = _accuracy(fuse(proto_logits), proto_labels)
+        fuse = self._fuse(uploads, on_features, class_share, rng, stats)
         stats["meta_seconds"] = time.monotonic() - start
 
         def teacher(x: torch.Tensor) -> torch.Tensor:
@@ -233,30 +252,135 @@ class MosaicStrategy(TaskStrategy):
 
         start = time.monotonic()
         student = self.global_model(global_arrays)
-        sample = self._sampler(uploads, rng)
+        generators = self.client_generators(uploads) if s.generators else []
+        sample = self._sampler(generators, len(uploads), rng)
         if self.score_fn is not None:
             student.eval()
             stats["student_accuracy_before"] = self.score_fn(student)
             stats["teacher_accuracy"] = self.score_fn(teacher)
-            stats["ensemble_accuracy"] = self.score_fn(lambda x: ensemble(experts_on(x)))
+            stats["ensemble_accuracy"] = self.score_fn(
+                lambda x: ensemble_logits(experts_on(x), class_share))
+        self._distill(student, teacher, sample, len(uploads), held, rng, stats)
+        stats["distilled"] = 1.0
+        verdict = "kept (trust checks off)"
+        if s.trust:
+            if self.score_fn is not None:
+                stats["student_accuracy_distilled"] = self.score_fn(student)
+            distilled = ArrayRecord({k: v.detach().cpu() for k, v in student.state_dict().items()})
+            keep, verdict = self._clients_prefer(server_round, uploads, global_arrays, distilled,
+                                                 ("before", "distilled"), stats)
+            verdict = ("kept: " if keep else "discarded: ") + verdict
+            if not keep:
+                student.load_state_dict(global_arrays.to_torch_state_dict())
+                stats["distilled"] = 0.0
+        if self.score_fn is not None:
+            student.eval()
+            stats["student_accuracy_after"] = self.score_fn(student)
+        stats["distill_seconds"] = time.monotonic() - start
+        log(INFO, "[mosaic] distilled student %s", verdict)
+        log(INFO, "[mosaic] distillation round: %s", ", ".join(
+            f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))
+        return ArrayRecord(student.to("cpu").state_dict()), stats
+
+    def _fuse(self, uploads: list[ClientUpload], on_features: Callable[[torch.Tensor], torch.Tensor],
+              class_share: torch.Tensor, rng: torch.Generator, stats: dict[str, float]
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """How the teacher combines the experts: the meta model trained on the prototypes
+        when it beats the count-weighted ensemble on held-out ones, else that ensemble."""
+        s, device = self.settings, self.device
+        protos = torch.cat([torch.from_numpy(u.stats[PROTOTYPES].numpy()) for u in uploads]).to(device)
+        labels = torch.cat([torch.from_numpy(u.stats[PROTOTYPE_LABELS].numpy())
+                            for u in uploads]).to(device)
+        owners = torch.cat([torch.full((len(u.stats[PROTOTYPE_LABELS].numpy()),), k)
+                            for k, u in enumerate(uploads)])
+        stats["num_prototypes"] = len(protos)
+
+        def ensemble(logits: torch.Tensor) -> torch.Tensor:
+            return ensemble_logits(logits, class_share)
+
+        stats["meta_used"] = 0.0
+        if len(protos) == 0:
+            return ensemble
+        with torch.no_grad():
+            proto_logits = on_features(protos).float()
+        if not s.meta_model:
+            stats["ensemble_prototype_accuracy"] = _accuracy(ensemble(proto_logits), labels)
+            stats["meta_prototype_accuracy"] = stats["ensemble_prototype_accuracy"]
+            return ensemble
+        train, held_out = holdout_split(owners * self.num_classes + labels.cpu(),
+                                        s.trust_holdout if s.trust else 0.0, rng)
+        train, held_out = train.to(device), held_out.to(device)
+        log(INFO, "[mosaic] training the meta model on %d prototypes from %d clients (%d held out)",
+            len(train), len(uploads), len(held_out))
+        meta = MetaModel(len(class_share), self.num_classes, s.meta_dim, s.meta_heads,
+                         s.meta_dropout).to(device)
+        meta = train_meta_model(meta, proto_logits[train], labels[train], epochs=s.meta_epochs,
+                                lr=s.meta_lr, batch_size=s.meta_batch_size, ema_decay=s.meta_ema,
+                                rng=rng, log_every=max(1, s.meta_epochs // 5))
+        stats["ensemble_prototype_accuracy"] = _accuracy(ensemble(proto_logits[train]), labels[train])
+        stats["meta_prototype_accuracy"] = _accuracy(meta(proto_logits[train]), labels[train])
+        if len(held_out) == 0:
+            stats["meta_used"] = 1.0
+            return meta
+        stats["ensemble_holdout_accuracy"] = _accuracy(ensemble(proto_logits[held_out]),
+                                                       labels[held_out])
+        stats["meta_holdout_accuracy"] = _accuracy(meta(proto_logits[held_out]), labels[held_out])
+        if stats["meta_holdout_accuracy"] < stats["ensemble_holdout_accuracy"]:
+            log(INFO, "[mosaic] meta model not used: %.4f on held-out prototypes, the "
+                "count-weighted ensemble %.4f", stats["meta_holdout_accuracy"],
+                stats["ensemble_holdout_accuracy"])
+            return ensemble
+        stats["meta_used"] = 1.0
+        return meta
+
+    def _clients_prefer(self, server_round: int, uploads: list[ClientUpload],
+                        incumbent: ArrayRecord, candidate: ArrayRecord, names: tuple[str, str],
+                        stats: dict[str, float]) -> tuple[bool, str]:
+        """Whether the round's clients, scoring both global models on their own data (Flower
+        evaluate messages, :mod:`.trust`), find ``candidate`` at least as accurate as
+        ``incumbent``; and the verdict in words. Records ``federated_accuracy_<name>`` for
+        both. Without a grid or without a client that scored both, the candidate wins."""
+        if self._grid is None:
+            return True, "unchecked: no grid to ask clients (the strategy runs outside a round)"
+        nodes = [u.node_id for u in uploads]
+        scores = []
+        for arrays in (incumbent, candidate):
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord(
+                {**dict(self._evaluate_config.items()), "server-round": server_round})})
+            # Both are global models: every client scores them on its data, whatever
+            # model it trains itself (as in federated evaluation).
+            messages = list(self._construct_messages(record, nodes, MessageType.EVALUATE))
+            scores.append(local_scores(self._grid.send_and_receive(messages, timeout=self._timeout)))
+        common = sorted(set(scores[0]) & set(scores[1]))
+        stats["federated_check_clients"] = len(common)
+        if not common:
+            return True, "unchecked: no client scored both models"
+        acc = [pooled_accuracy(score, common) for score in scores]
+        for name, value in zip(names, acc):
+            stats[f"federated_accuracy_{name}"] = value
+        summary = (f"{len(common)} clients score it {acc[1]:.4f} on their data, "
+                   f"the {names[0]} model {acc[0]:.4f}")
+        return acc[1] >= acc[0], summary
+
+    def _distill(self, student: nn.Module, teacher: Callable[[torch.Tensor], torch.Tensor],
+                 sample: Callable[[], torch.Tensor], num_clients: int, held: torch.Tensor,
+                 rng: torch.Generator, stats: dict[str, float]) -> None:
+        """Distil ``teacher`` into ``student`` on the classes some client of the round holds."""
+        s = self.settings
         log(INFO, "[mosaic] distilling the teacher into the global model: %d steps, %d inputs "
-            "per step", s.distill_steps, s.samples_per_generator * len(uploads))
+            "per step, %d of %d classes", s.distill_steps,
+            s.samples_per_generator * num_clients, len(held), self.num_classes)
         history = distill_into(
             student, teacher, sample, steps=s.distill_steps, lr=s.distill_lr,
             weights=DistillWeights(s.kl_weight, s.ce_weight, s.jsd_weight, s.temperature),
-            device=device, amp=self.amp, cpu_bf16=self.cpu_bf16,
+            device=self.device, amp=self.amp, cpu_bf16=self.cpu_bf16,
             pool_batches=s.distill_pool_batches, rng=rng,
+            classes=held if len(held) < self.num_classes else None,
             log_every=max(1, s.distill_steps // 10))
         if history:
             tail = history[-max(1, len(history) // 10):]
             stats["distill_loss_first"] = history[0]["loss"]
             stats["distill_loss_last"] = sum(h["loss"] for h in tail) / len(tail)
-        if self.score_fn is not None:
-            stats["student_accuracy_after"] = self.score_fn(student)
-        stats["distill_seconds"] = time.monotonic() - start
-        log(INFO, "[mosaic] distillation round: %s", ", ".join(
-            f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))
-        return ArrayRecord(student.to("cpu").state_dict()), stats
 
     def _experts(self, uploads: list[ClientUpload], weights: torch.Tensor
                  ) -> tuple[Callable[[torch.Tensor], torch.Tensor],
@@ -295,15 +419,14 @@ class MosaicStrategy(TaskStrategy):
 
         return (lambda x: mixed_expert_logits(clients, weights, x)), on_features
 
-    def _sampler(self, uploads: list[ClientUpload], rng: torch.Generator
+    def _sampler(self, generators: list[nn.Module], num_clients: int, rng: torch.Generator
                  ) -> Callable[[], torch.Tensor]:
         """Draws one distillation batch: ``samples_per_generator`` from every generator,
-        or as many Gaussian-noise inputs when generators are off."""
+        or as many Gaussian-noise inputs per client when generators are off."""
         n = self.settings.samples_per_generator
-        if not self.settings.generators:
-            shape = (n * len(uploads), *self.input_shape)
+        if not generators:
+            shape = (n * num_clients, *self.input_shape)
             return lambda: torch.randn(shape, generator=rng).to(self.device)
-        generators = self.client_generators(uploads)
         return lambda: torch.cat([g.sample(n, rng) for g in generators])
 
 
