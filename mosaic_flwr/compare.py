@@ -202,11 +202,61 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[Method], base: dict
             runs = f"{len(group['finals'])}" + (f" (+{group['failed']} failed)" if group["failed"] else "")
             secs = f"{statistics.mean(group['seconds']):.0f}" if group["seconds"] else "n/a"
             lines.append(f"| {method.label} | {alpha} | {mean} | {per_seed} | {runs} | {secs} |")
+    lines += distillation_table(rows)
     lines += ["", "Methods:", ""]
     for method in methods:
         what = DESCRIPTIONS.get(method.label, "custom")
         lines.append(f"- `{method.label}`: {what}; overrides `{json.dumps(method.overrides)}`")
     return "\n".join(lines) + "\n"
+
+
+def distillation_rounds(run_dir: str) -> dict[str, Any] | None:
+    """A run's distillation round (the metrics line that scored the student before and
+    after it, Mosaic's and FedDF's) with the run's final accuracy; None without one."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    step = next((line for line in lines if "student_accuracy_before" in line
+                 and "student_accuracy_after" in line), None)
+    if step is None:
+        return None
+    kept = [line["finetune_kept"] for line in lines if "finetune_kept" in line]
+    return {**step, "final": lines[-1].get("accuracy"), "finetune_rounds_kept": sum(kept),
+            "finetune_rounds": len(kept)}
+
+
+def distillation_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: every completed run's distillation round, on the test split (which
+    the server never sees): the student before, the teacher, the student distilled, the
+    model kept, the final model, and the two rules a distillation should keep."""
+    found = [(row, step) for row in rows if row["final_accuracy"] is not None
+             and (step := distillation_rounds(row["run_dir"])) is not None]
+    if not found:
+        return []
+
+    def fmt(value: Any) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    lines = ["", "## Distillation rounds", "",
+             "Test accuracy of the student before distillation, the teacher, the distilled "
+             "student, the model the round kept, and the final model; `after >= before - "
+             "0.005` and `final >= after - 0.01` are checked per run. `fine-tuning kept` "
+             "counts the fine-tuning rounds whose average the clients preferred.", "",
+             "| method | alpha | seed | before | teacher | distilled | after | final | "
+             "after >= before - 0.005 | final >= after - 0.01 | fine-tuning kept |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row, step in found:
+        before, after = step["student_accuracy_before"], step["student_accuracy_after"]
+        distilled = step.get("student_accuracy_distilled", after)
+        kept = (f"{step['finetune_rounds_kept']:.0f} of {step['finetune_rounds']}"
+                if step["finetune_rounds"] else "")
+        lines.append(
+            f"| {row['method']} | {row['alpha']} | {row['seed']} | {fmt(before)} | "
+            f"{fmt(step.get('teacher_accuracy'))} | {fmt(distilled)} | {fmt(after)} | "
+            f"{fmt(step['final'])} | {'yes' if after >= before - 0.005 else 'NO'} | "
+            f"{'yes' if step['final'] >= after - 0.01 else 'NO'} | {kept} |")
+    return lines
 
 
 def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:

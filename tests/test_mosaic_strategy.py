@@ -103,6 +103,13 @@ def test_the_distilled_student_is_kept_only_if_the_clients_score_it_no_lower(bef
     run = run_inline({**DISTILL_ONLY, "mosaic-trust": True}, evaluate=rigged_evaluate(before, distilled))
     stats = run.round_stats[1]
     assert stats["federated_check_clients"] == run.config.num_clients
+    # What the check asks of a client: two scores on its data, nothing per sample.
+    scored = [r for r in run.grid.replies if r.metadata.message_type == "evaluate"]
+    assert len(scored) == 2 * run.config.num_clients
+    for reply in scored:
+        assert not reply.content.array_records
+        assert set(reply.content.metric_records["metrics"].keys()) == {
+            "num-examples", "local-loss", "local-accuracy"}
     assert stats["federated_accuracy_before"] == pytest.approx(before)
     assert stats["federated_accuracy_distilled"] == pytest.approx(distilled)
     assert stats["meta_used"] == float(stats["meta_holdout_accuracy"] >= stats["ensemble_holdout_accuracy"])
