@@ -59,6 +59,11 @@ def test_issue_keys_exist_with_their_names():
     ("mosaic-distill-pool-batches", -1, "mosaic-distill-pool-batches=-1: must be an integer >= 0"),
     ("mosaic-generator-width", -8, "mosaic-generator-width=-8: must be an integer >= 0"),
     ("dense-generator-width", -8, "dense-generator-width=-8: must be >= 0"),
+    ("local-steps", -1, "local-steps=-1: must be >= 0"),
+    ("mosaic-distill-fraction", 0.0, "mosaic-distill-fraction=0.0: must be in (0, 1]"),
+    ("mosaic-trust-holdout", 1.0, "mosaic-trust-holdout=1.0: must be in [0, 1)"),
+    ("mosaic-finetune-anchor", -1.0, "mosaic-finetune-anchor=-1.0: must be >= 0"),
+    ("mosaic-trust", "yes", "mosaic-trust='yes': must be true or false"),
 ])
 def test_each_bad_value_names_key_value_and_rule(key, value, message):
     with pytest.raises(ConfigError) as caught:

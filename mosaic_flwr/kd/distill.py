@@ -92,9 +92,10 @@ def distill_into(student: nn.Module, teacher: Callable[[torch.Tensor], torch.Ten
     :func:`teacher_pool`) and each step takes a batch of the same size from
     that pool, chosen with ``rng``. ``classes`` (indices) restricts the loss to
     those classes' logits, renormalised among them: a class no client of the
-    round holds is then neither taught nor unlearnt. ``cosine`` anneals the learning rate to 0
-    over the steps, ``max_grad_norm`` clips gradients (FedDF uses both); ``tag``
-    prefixes the log lines. Returns one record of loss terms per step.
+    round holds is then neither taught nor unlearnt. ``cosine`` anneals the
+    learning rate to 0 over the steps, ``max_grad_norm`` clips gradients (FedDF
+    uses both); ``tag`` prefixes the log lines. Returns one record of loss terms
+    per step.
     """
     fast_layout(student.to(device)).eval()
     optimiser = torch.optim.Adam(student.parameters(), lr=lr)

@@ -71,7 +71,8 @@ class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-
     distill_fraction: float = 1.0
     # Trust checks (not in the reference; mosaic/trust.py): the meta model must match
     # the count-weighted ensemble on held-out prototypes, and the round's clients must
-    # score the distilled student at least as high as the one before on their own data.
+    # score the distilled student (and each fine-tuning average) at least as high as
+    # the model it would replace, on their own data.
     trust: bool = True
     trust_holdout: float = 0.2  # share of each (client, class) group of prototypes held out
 
