@@ -31,6 +31,7 @@ from .client_models import client_model_spec, global_model_spec, initial_seed
 from .client_part import ClientPart, ClientWork
 from .config import RunConfig
 from .data import DATASETS, BatchTransform, client_indices, load_dataset
+from .faults import InjectedFault, injected_fault
 from .kd.upload import GeneratorUpload
 from .models import Classifier, ModelSpec
 from .mosaic.client import FinetuneAnchor, MosaicStatistics
@@ -227,6 +228,14 @@ def handle_train(msg: Message, context: Context) -> Message:
     work = ClientWork(msg, context, task, setup, torch.Generator().manual_seed(setup.seed))
     # Config, data (loaded and partitioned on a process's first message), model.
     work.metrics["setup-seconds"] = time.monotonic() - start
+    config = setup.config
+    fault = injected_fault(config.seed, setup.partition_id, setup.server_round, config.fault_rate,
+                           tuple(config.fault_kinds.split(",")))
+    if fault == "timeout":
+        time.sleep(config.round_timeout + 1)
+    if fault in ("raise", "timeout"):
+        raise InjectedFault(f"fault-rate={config.fault_rate}: partition {setup.partition_id} "
+                            f"fails round {setup.server_round} on purpose ({fault})")
     parts = client_parts(task)
     regularisers = [r for part in parts if (r := part.before_training(work)) is not None]
     start = time.monotonic()
@@ -238,6 +247,11 @@ def handle_train(msg: Message, context: Context) -> Message:
         part.after_training(work)
     work.metrics.update({"num-examples": result.num_examples, "train-loss": result.loss,
                          "train-accuracy": result.accuracy})
+    if fault == "nan":
+        with torch.no_grad():
+            for value in setup.model.state_dict().values():
+                if value.is_floating_point():
+                    value.fill_(float("nan"))
     return setup.reply(msg, work.metrics, with_model=True, extra=work.extra)
 
 

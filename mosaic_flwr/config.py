@@ -30,6 +30,7 @@ from .client_models import assign_client_models, client_models_value, global_mod
 from .data.datasets import DATASETS
 from .data.partition import PARTITIONERS
 from .errors import ConfigError
+from .faults import FAULT_KINDS
 from .method_settings import MethodSettings
 from .models import MODELS
 from .mosaic.settings import MosaicSettings
@@ -89,6 +90,8 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     amp: bool = True
     cpu_bf16: bool = True  # bf16 autocast for frozen forwards on CPUs that compute it natively
     round_timeout: float = 600.0
+    fault_rate: float = 0.0
+    fault_kinds: str = "raise,nan,timeout"
     node_wait_timeout: float = 120.0
     output_dir: str = ""
     run_name: str = ""
@@ -210,6 +213,12 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             raise ConfigError("output-dir", self.output_dir,
                               "must be an absolute path (the SuperLink's working "
                               "directory is not yours), or empty for the default")
+        if not 0.0 <= self.fault_rate < 1.0:
+            raise ConfigError("fault-rate", self.fault_rate, "must be in [0, 1)")
+        kinds = self.fault_kinds.split(",")
+        if not kinds or any(kind not in FAULT_KINDS for kind in kinds):
+            raise ConfigError("fault-kinds", self.fault_kinds,
+                              f"must be a comma-separated list of {', '.join(FAULT_KINDS)}")
         if "/" in self.run_name or self.run_name in (".", ".."):
             raise ConfigError("run-name", self.run_name, "must be a plain folder name")
         if not 0.0 <= self.proxy_fraction < 1.0:

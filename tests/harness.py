@@ -26,13 +26,15 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
 from mosaic_flwr.client import handle_evaluate, handle_train
 from mosaic_flwr.config import RunConfig
+from mosaic_flwr.faults import InjectedFault
 from mosaic_flwr.records import CLIENT_RECORD
 from mosaic_flwr.server import CentralEvaluator, message_config
 from mosaic_flwr.strategies import build_strategy
@@ -129,7 +131,11 @@ class InlineGrid(Grid):
             context = self.contexts[msg.metadata.dst_node_id]
             handler = self.handlers[msg.metadata.message_type.split(".")[0]]
             self.sent.append(msg)
-            replies.append(handler(msg, context))
+            try:
+                replies.append(handler(msg, context))
+            except InjectedFault as fault:  # as Flower does with a ClientApp that raises
+                replies.append(Message(error=Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                                   str(fault)), reply_to=msg))
         self.replies.extend(replies)
         return replies
 
