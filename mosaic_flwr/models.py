@@ -39,6 +39,23 @@ class Classifier(nn.Module):
         return self.head(self.body(x))
 
 
+def classifier_problem(model: nn.Module) -> str:
+    """Why ``model`` cannot serve as a strategy's global model ('' when it can): the
+    server steps read features and a linear head separately."""
+    missing = [what for what, ok in (
+        ("a features(x) method returning (batch, feature_dim) features",
+         callable(getattr(model, "features", None))),
+        ("a linear classifier `head` (torch.nn.Linear) applied to those features",
+         isinstance(getattr(model, "head", None), nn.Linear)),
+        ("an integer `feature_dim`", isinstance(getattr(model, "feature_dim", None), int)))
+        if not ok]
+    if not missing:
+        return ""
+    return (f"the model {type(model).__name__} needs " + "; ".join(missing)
+            + " (see mosaic_flwr.models.Classifier, and examples/existing_app.py for a model "
+            "of your own)")
+
+
 def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 

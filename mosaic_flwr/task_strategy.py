@@ -38,7 +38,7 @@ from .client_models import global_model_spec
 from .config import RunConfig
 from .data.datasets import DATASETS
 from .model_routing import ModelRouting
-from .models import Classifier, ModelSpec
+from .models import Classifier, ModelSpec, classifier_problem
 from .records import (GENERATOR_RECORD, LABEL_COUNTS, STATS_RECORD, TASK_RECORD, ClientUpload,
                       TrainTask)
 from .training import fast_layout, select_device
@@ -107,6 +107,9 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
         #: The server step's random draws, one stream for the whole run.
         self.rng = torch.Generator().manual_seed(seed)
         template = model_fn()
+        problem = classifier_problem(template)
+        if problem:
+            raise TypeError(f"model_fn: {problem}")
         self.num_classes = int(template.head.out_features)
         self.feature_dim = int(template.head.in_features)
         self._generator_signature = (array_signature(ArrayRecord(generator_fn().state_dict()))

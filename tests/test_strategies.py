@@ -6,10 +6,15 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from harness import TINY
+from torch import nn
 
 from mosaic_flwr.config import RunConfig
 from mosaic_flwr.aggregation import TolerantFedAvg, screen_replies, train_reply_problem
+from mosaic_flwr.data import DATASETS
 from mosaic_flwr.errors import NotEnoughRepliesError
+from mosaic_flwr.kd.generator import build_generator
+from mosaic_flwr.mosaic.settings import MosaicSettings
+from mosaic_flwr.mosaic.strategy import MosaicStrategy
 from mosaic_flwr.records import CLIENT_RECORD
 from mosaic_flwr.strategies import STRATEGIES, build_strategy
 
@@ -111,3 +116,17 @@ def test_every_registered_strategy_completes_a_tiny_run_and_changes_the_model(na
     final = run.result.arrays.to_torch_state_dict()
     assert initial.keys() == final.keys()
     assert all(not torch.equal(initial[k], final[k]) for k in final if final[k].is_floating_point())
+
+
+def test_a_model_without_features_and_head_is_refused_at_construction():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # pylint: disable=arguments-differ
+            return self.fc(x.flatten(1))
+
+    with pytest.raises(TypeError, match=r"model_fn: the model Net needs a features\(x\) method.*"
+                                        r"a linear classifier `head`.*an integer `feature_dim`"):
+        MosaicStrategy(Net, lambda: build_generator(DATASETS["digits"], MosaicSettings().generator))
