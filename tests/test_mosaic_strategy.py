@@ -127,8 +127,11 @@ def test_the_distilled_student_is_kept_only_if_the_clients_score_it_no_lower(bef
 @pytest.mark.parametrize("start, average", [(0.9, 0.1), (0.1, 0.9)])
 def test_a_fine_tuning_average_replaces_the_model_only_if_the_clients_score_it_no_lower(
         start, average):
-    run = run_inline({**TINY["mosaic"], "mosaic-trust": True}, evaluate=rigged_evaluate(start, average))
+    run = run_inline({**TINY["mosaic"], "mosaic-trust": True, "mosaic-finetune-anchor": 1.0},
+                     evaluate=rigged_evaluate(start, average))
     stats = run.round_stats[3]
+    task = run.sent_in_round(3)[0].content["task"]
+    assert task["objective"] == "mosaic-anchor"  # the clients fine-tuned with FinetuneAnchor
     assert stats["phase"] == "finetune" and stats["federated_check_clients"] == run.config.num_clients
     assert (stats["federated_accuracy_start"], stats["federated_accuracy_average"]) == \
         pytest.approx((start, average))

@@ -1,4 +1,5 @@
-"""What a client computes for Mosaic's distillation round: label counts, prototypes, a probe.
+"""What a Mosaic client computes: label counts, prototypes and a probe for the distillation
+round, and the fine-tuning rounds' anchor (:class:`FinetuneAnchor`).
 
 The functions work on tensors, so an existing ClientApp with its own data can
 call them directly; :class:`MosaicStatistics` is Mosaic's part of this
