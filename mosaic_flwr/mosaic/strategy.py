@@ -343,6 +343,7 @@ class MosaicStrategy(TaskStrategy):
         if self._grid is None:
             return True, "unchecked: no grid to ask clients (the strategy runs outside a round)"
         nodes = [u.node_id for u in uploads]
+        began = time.monotonic()
         scores = []
         for arrays in (incumbent, candidate):
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord(
@@ -353,6 +354,7 @@ class MosaicStrategy(TaskStrategy):
             scores.append(local_scores(self._grid.send_and_receive(messages, timeout=self._timeout)))
         common = sorted(set(scores[0]) & set(scores[1]))
         stats["federated_check_clients"] = len(common)
+        stats["federated_check_seconds"] = time.monotonic() - began
         if not common:
             return True, "unchecked: no client scored both models"
         acc = [pooled_accuracy(score, common) for score in scores]
