@@ -280,3 +280,10 @@ def test_fedavg_with_batchnorm_keeps_integer_buffers_across_rounds():
     # Round 2 started from round 1's average, whose counter is the clients' (integer) mean.
     sent = run.sent_in_round(2)[0].content["arrays"]["body.1.num_batches_tracked"]
     assert sent.dtype == "int64" and int(sent.numpy()) > 0
+
+
+def test_with_half_the_clients_per_round_every_client_joins_distillation_and_judges_fine_tuning():
+    run = run_inline({**TINY["mosaic"], "mosaic-trust": True, "fraction-train": 0.5})
+    sampled = {r: run.round_stats[r]["clients_sampled"] for r in (1, 2, 3)}
+    assert sampled == {1: 2, 2: 4, 3: 2}  # mosaic-distill-fraction=1.0 in round 2
+    assert run.round_stats[3]["federated_check_clients"] == 4  # all of round 2's clients

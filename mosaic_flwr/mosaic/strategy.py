@@ -102,6 +102,8 @@ class MosaicStrategy(TaskStrategy):
         self._grid: Grid | None = None
         self._evaluate_config = ConfigRecord()
         self._timeout: float | None = None
+        #: The nodes that judge the federated checks: the distillation round's clients.
+        self._judges: list[int] = []
         with torch.no_grad():
             self.input_shape = tuple(generator_fn().eval().sample(1).shape[1:])
 
@@ -184,11 +186,13 @@ class MosaicStrategy(TaskStrategy):
 
     def finetune_check(self, server_round: int, uploads: list[ClientUpload], average: ArrayRecord
                        ) -> tuple[ArrayRecord, dict[str, float]]:
-        """A fine-tuning round's average replaces the global model only if the round's
-        clients score it at least as high as the model the round started from, so that
+        """A fine-tuning round's average replaces the global model only if the clients of
+        the distillation round (all of them by default, not only this round's sample)
+        score it at least as high as the model the round started from, so that
         fine-tuning cannot undo the distilled gain (:meth:`_clients_prefer`)."""
         stats: dict[str, float] = {}
-        keep, verdict = self._clients_prefer(server_round, uploads, self._global_arrays, average,
+        judges = self._judges or [u.node_id for u in uploads]
+        keep, verdict = self._clients_prefer(server_round, judges, self._global_arrays, average,
                                              ("start", "average"), stats)
         stats["finetune_kept"] = float(keep)
         log(INFO, "[mosaic] fine-tuning average %s: %s", "kept" if keep else "discarded", verdict)
@@ -267,8 +271,9 @@ class MosaicStrategy(TaskStrategy):
             if self.score_fn is not None:
                 stats["student_accuracy_distilled"] = self.score_fn(student)
             distilled = ArrayRecord({k: v.detach().cpu() for k, v in student.state_dict().items()})
-            keep, verdict = self._clients_prefer(server_round, uploads, global_arrays, distilled,
-                                                 ("before", "distilled"), stats)
+            self._judges = [u.node_id for u in uploads]
+            keep, verdict = self._clients_prefer(server_round, self._judges, global_arrays,
+                                                 distilled, ("before", "distilled"), stats)
             verdict = ("kept: " if keep else "discarded: ") + verdict
             if not keep:
                 student.load_state_dict(global_arrays.to_torch_state_dict())
@@ -333,16 +338,15 @@ class MosaicStrategy(TaskStrategy):
         stats["meta_used"] = 1.0
         return meta
 
-    def _clients_prefer(self, server_round: int, uploads: list[ClientUpload],
+    def _clients_prefer(self, server_round: int, nodes: list[int],
                         incumbent: ArrayRecord, candidate: ArrayRecord, names: tuple[str, str],
                         stats: dict[str, float]) -> tuple[bool, str]:
-        """Whether the round's clients, scoring both global models on their own data (Flower
+        """Whether the clients on ``nodes``, scoring both global models on their own data (Flower
         evaluate messages, :mod:`.trust`), find ``candidate`` at least as accurate as
         ``incumbent``; and the verdict in words. Records ``federated_accuracy_<name>`` for
         both. Without a grid or without a client that scored both, the candidate wins."""
         if self._grid is None:
             return True, "unchecked: no grid to ask clients (the strategy runs outside a round)"
-        nodes = [u.node_id for u in uploads]
         began = time.monotonic()
         scores = []
         for arrays in (incumbent, candidate):
