@@ -131,7 +131,12 @@ def test_mosaic_runs_over_tls_with_supernode_authentication(federation, mosaic_r
     distill = lines[1]  # every node uploaded its generator; the server distilled
     assert distill["generator_seconds_sum"] > 0 and distill["num_prototypes"] > 0
     assert distill["accuracy"] == distill["student_accuracy_after"]
-    assert distill["student_accuracy_after"] != distill["student_accuracy_before"]
+    # ... and asked the three nodes, over the same TLS links, to score the result
+    assert distill["federated_check_clients"] == 3
+    kept = "student_accuracy_distilled" if distill["distilled"] else "student_accuracy_before"
+    assert distill["student_accuracy_after"] == distill[kept]
+    # The fine-tuning round's check asked the two nodes left.
+    assert lines[2]["federated_check_clients"] == 2
 
     # Each node logged what it answered, in its own folder; node 2 used its own data.
     for pid, name in enumerate(NODES):

@@ -347,6 +347,8 @@ class MosaicStrategy(TaskStrategy):
         both. Without a grid or without a client that scored both, the candidate wins."""
         if self._grid is None:
             return True, "unchecked: no grid to ask clients (the strategy runs outside a round)"
+        connected = set(self._grid.get_node_ids())
+        nodes = [node for node in nodes if node in connected]  # a node that left cannot answer
         began = time.monotonic()
         scores = []
         for arrays in (incumbent, candidate):
