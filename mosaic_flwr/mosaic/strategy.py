@@ -3,15 +3,19 @@
 Round by round, inside ``num_rounds`` (every Mosaic round counts):
 
 1. warm-up rounds ``1 .. W``: FedAvg (clients train, the server averages);
-2. the distillation round ``W + 1``: clients train as usual and also send their
-   label counts, per-class feature prototypes and a freshly trained image
-   generator. The server averages the classifiers (the student's start), builds
-   one expert per class from the client models weighted by their counts of that
-   class, trains the meta model on the prototypes through the experts' heads,
-   and distils the teacher (meta model over experts) into the student on
-   batches drawn from every generator;
+2. the distillation round ``W + 1`` (every client by default): clients train as
+   usual and also send their label counts, per-class feature prototypes and a
+   freshly trained image generator. The server averages the classifiers (the
+   student's start), builds one expert per class from the client models
+   weighted by their counts of that class, trains the meta model on the
+   prototypes through the experts' heads (kept only if it beats the
+   count-weighted ensemble on held-out prototypes), and distils the teacher
+   into the student on batches drawn from every generator; the clients then
+   score both students on their own data and the better one is kept;
 3. fine-tuning rounds: FedAvg at the learning rate scaled by
-   ``finetune_lr_scale``.
+   ``finetune_lr_scale``, with the not-true-class anchor to the received model
+   on the clients; an average replaces the model only if the clients score it
+   no lower. The trust checks are in :mod:`.trust`.
 
 Clients learn what to do from a ``task`` record in each instruction
 (:class:`~mosaic_flwr.records.TrainTask`), so the strategy drops into any
