@@ -4,11 +4,14 @@ Flower's ``FedAvg`` ends the whole ServerApp when one reply is malformed
 (``InconsistentMessageReplies``). Here every strategy screens replies first: a
 client that raised, timed out or sent a malformed reply is logged and left out
 of that round, and the run goes on while at least ``min-clients`` replies are
-usable; below that it stops with a clear error.
+usable; below that it stops with a clear error. Their common base,
+:class:`TolerantAggregation`, also runs the round loop from any round (a resumed
+run) and holds the state a checkpoint saves.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -17,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedProx, Result
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from flwr.supercore import log
 
 from .errors import NotEnoughRepliesError
@@ -51,6 +55,12 @@ def screen_replies(replies: Iterable[Message], problem: Callable[[Message], str]
 
 def _error_problem(msg: Message) -> str:
     return f"client error: {msg.error.reason}" if msg.has_error() else ""
+
+
+def evaluate_reply_problem(msg: Message, weight_key: str) -> str:
+    """Why an evaluate reply is unusable ('' when usable): an error, or not exactly one
+    MetricRecord with a positive ``weight_key``."""
+    return _error_problem(msg) or _metrics_problem(msg, weight_key)
 
 
 def train_reply_problem(msg: Message, expected: dict[str, tuple[tuple[int, ...], str]],
@@ -186,6 +196,67 @@ class TolerantAggregation:
         log(INFO, "\t├──> Minimum usable replies per round: %d", self.min_replies)
         super().summary()  # type: ignore[misc]
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              first_round: int = 1) -> Result:
+        """Flower's round loop (``Strategy.start``), from round ``first_round`` on.
+
+        Flower's loop always starts at round 1; a run resumed from the checkpoint
+        of round ``k`` (:mod:`mosaic_flwr.checkpoint`) starts at ``k + 1`` from that
+        checkpoint's ``initial_arrays`` and the strategy state it restored, with
+        no evaluation of round 0. Each round is otherwise exactly Flower's:
+        configure, send and aggregate training, then client-side evaluation,
+        then ``evaluate_fn(round, arrays)``.
+        """
+        log(INFO, "Starting %s strategy%s:", type(self).__name__,
+            f" at round {first_round}" if first_round > 1 else "")
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        result, arrays, began = Result(), initial_arrays, time.time()
+        result.arrays = arrays
+        if evaluate_fn is not None and first_round == 1:
+            metrics = evaluate_fn(0, arrays)
+            if metrics is not None:
+                result.evaluate_metrics_serverapp[0] = metrics
+        for current in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", current, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(current, arrays, train_config, grid),
+                timeout=timeout)
+            new_arrays, train_metrics = self.aggregate_train(current, replies)
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if train_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
+                result.train_metrics_clientapp[current] = train_metrics
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(current, arrays, evaluate_config, grid),
+                timeout=timeout)
+            evaluate_metrics = self.aggregate_evaluate(current, replies)
+            if evaluate_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", evaluate_metrics)
+                result.evaluate_metrics_clientapp[current] = evaluate_metrics
+            if evaluate_fn is not None:
+                metrics = evaluate_fn(current, arrays)
+                if metrics is not None:
+                    result.evaluate_metrics_serverapp[current] = metrics
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - began)
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every piece of server state a later round reads, for a checkpoint
+        (:mod:`mosaic_flwr.checkpoint`); a method that keeps more extends it."""
+        return {"round_stats": self.round_stats}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what :meth:`state_dict` returned."""
+        self.round_stats = state["round_stats"]
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Remember what a valid reply must look like, then configure as usual."""
@@ -251,8 +322,8 @@ class TolerantAggregation:
         The aggregate joins ``round_stats`` (e.g. ``local_accuracy``), so it lands
         in the round's line of ``metrics.jsonl``.
         """
-        usable, rejected = screen_replies(replies, lambda msg: (
-            _error_problem(msg) or _metrics_problem(msg, self.weighted_by_key)))
+        usable, rejected = screen_replies(
+            replies, lambda msg: evaluate_reply_problem(msg, self.weighted_by_key))
         self._log_rejections(server_round, rejected)
         usable.sort(key=reply_partition_id)
         metrics = super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]

@@ -95,6 +95,8 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     node_wait_timeout: float = 120.0
     output_dir: str = ""
     run_name: str = ""
+    checkpoint_keep: int = 2  # checkpoints kept in the run folder (newest first); 0: none
+    resume_from: str = ""  # a run folder to continue from its last checkpoint
     wandb: bool = False
     wandb_project: str = "mosaic-flwr"
     wandb_mode: str = ""
@@ -219,6 +221,12 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         if not kinds or any(kind not in FAULT_KINDS for kind in kinds):
             raise ConfigError("fault-kinds", self.fault_kinds,
                               f"must be a comma-separated list of {', '.join(FAULT_KINDS)}")
+        if self.checkpoint_keep < 0:
+            raise ConfigError("checkpoint-keep", self.checkpoint_keep,
+                              "must be >= 0 (0: write no checkpoints)")
+        if self.resume_from and not Path(self.resume_from).is_absolute():
+            raise ConfigError("resume-from", self.resume_from,
+                              "must be the absolute path of a run folder, or empty")
         if "/" in self.run_name or self.run_name in (".", ".."):
             raise ConfigError("run-name", self.run_name, "must be a plain folder name")
         if not 0.0 <= self.proxy_fraction < 1.0:

@@ -28,3 +28,7 @@ class NotEnoughRepliesError(RuntimeError):
 
 class FederationTooSmallError(RuntimeError):
     """Fewer SuperNodes connected than ``num-clients`` within ``node-wait-timeout``."""
+
+
+class ResumeError(RuntimeError):
+    """A run cannot be resumed from a folder; the message names the file and the reason."""

@@ -116,18 +116,42 @@ class RunRecorder:
     """Collects round records and writes ``partitions.json``, ``summary.json``, ``accuracy.png``."""
 
     def __init__(self, run_dir: Path, config: RunConfig,
-                 callbacks: list[Callback] | None = None) -> None:
+                 callbacks: list[Callback] | None = None,
+                 resumed: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir
         self.config = config
-        self.callbacks = callbacks if callbacks is not None else default_callbacks(config, run_dir)
         self.rounds: list[dict[str, Any]] = []
         self.initial: dict[str, float] | None = None
         #: Seconds the ServerApp spent before round 0 (config, data, partitions, strategy).
         self.setup_seconds: float | None = None
+        #: The round each resumption of this run started after (empty for a run never resumed).
+        self.resumed_from: list[int] = []
         self.num_clients = config.num_clients
         self._start = time.monotonic()
-        self._last = self._start
-        (run_dir / "config.json").write_text(json.dumps(config.to_mapping(), indent=2))
+        if resumed is None:
+            (run_dir / "config.json").write_text(json.dumps(config.to_mapping(), indent=2))
+        else:
+            self._continue(resumed)
+        self._last = time.monotonic()
+        self.callbacks = callbacks if callbacks is not None else default_callbacks(config, run_dir)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue the records (:mod:`mosaic_flwr.checkpoint`)."""
+        return {"rounds": self.rounds, "initial": self.initial,
+                "resumed_from": self.resumed_from,
+                "elapsed_seconds": time.monotonic() - self._start}
+
+    def _continue(self, state: dict[str, Any]) -> None:
+        """Take over a checkpoint's records: ``metrics.jsonl`` is rewritten to hold exactly
+        the checkpoint's rounds (a round that ended after the checkpoint is run again)."""
+        self.rounds = list(state["rounds"])
+        self.initial = state["initial"]
+        self.resumed_from = [*state["resumed_from"], self.rounds[-1]["round"]]
+        self._start -= state["elapsed_seconds"]  # elapsed time goes on from the checkpoint's
+        metrics = self.run_dir / "metrics.jsonl"
+        tmp = metrics.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rounds), encoding="utf-8")
+        os.replace(tmp, metrics)
 
     def write_partitions(self, counts: np.ndarray, partitioner: str) -> None:
         """Per-client label counts, saved before training starts."""
@@ -169,6 +193,7 @@ class RunRecorder:
             "best_accuracy": max(accuracies) if accuracies else None,
             "wall_seconds": time.monotonic() - self._start,
             "setup_seconds": self.setup_seconds,
+            "resumed_from_rounds": self.resumed_from,
             "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "seconds")}
                        for r in self.rounds],
             "config": config.to_mapping(),

@@ -3,26 +3,32 @@
 ``server_app/app.py`` only hands Flower's ``Grid`` and ``Context`` to
 :func:`run_server`. Everything that can be checked before training (the
 configuration, the data set, the partitions, the federation size) is checked
-first, so a mistake ends the run as failed with one clear log line.
+first, so a mistake ends the run as failed with one clear log line. After every
+round a checkpoint goes to the run folder, and ``resume-from`` continues a run
+from its newest one (:mod:`mosaic_flwr.checkpoint`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
 from logging import ERROR, INFO
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from .checkpoint import (latest_checkpoint, load_checkpoint, restore_rng_states, rng_states,
+                         save_final_model, write_checkpoint)
 from .client_models import global_model_spec
 from .config import RunConfig, resolve_run_config
 from .data import BatchTransform, label_counts, load_dataset, partitions_for
-from .errors import ConfigError, DatasetUnavailableError, FederationTooSmallError
+from .errors import ConfigError, DatasetUnavailableError, FederationTooSmallError, ResumeError
 from .results import RunRecorder, make_run_dir
 from .strategies import build_strategy, check_strategy
 from .training import evaluate, evaluate_predictor, select_device
@@ -99,13 +105,15 @@ def server_threads(config: RunConfig) -> int:
 
 
 def run_server(grid: Grid, context: Context) -> dict:
-    """Run one experiment end to end and return its summary."""
+    """Run one experiment end to end (or continue one, with ``resume-from``) and return
+    its summary."""
     start = time.monotonic()
     try:
         config = load_config(grid, context)
+        resumed = resume_point(config)
         data = load_dataset(config.dataset, config.data_path)
         partitions = partitions_for(config)
-    except (ConfigError, DatasetUnavailableError) as err:
+    except (ConfigError, DatasetUnavailableError, ResumeError) as err:
         log(ERROR, "%s", err)
         raise
 
@@ -116,13 +124,21 @@ def run_server(grid: Grid, context: Context) -> dict:
     initial_arrays = ArrayRecord(evaluator.model.state_dict())
 
     counts = label_counts(data.train_labels, partitions, data.spec.num_classes)
-    recorder = RunRecorder(make_run_dir(config), config)
-    recorder.write_partitions(counts, config.partitioner)
+    if resumed is None:
+        recorder = RunRecorder(make_run_dir(config), config)
+        recorder.write_partitions(counts, config.partitioner)
+    else:
+        recorder = RunRecorder(Path(config.resume_from), config, resumed=resumed["recorder"])
     log(INFO, "Results go to %s", recorder.run_dir)
     for pid, row in enumerate(counts):
         log(INFO, "partition %d: %d samples, label counts %s", pid, row.sum(), row.tolist())
 
     strategy = build_strategy(config, score_fn=evaluator.score)
+    first_round = 1
+    if resumed is not None:
+        first_round, initial_arrays = restore(resumed, strategy)
+        log(INFO, "Resuming %s at round %d from %s", recorder.run_dir, first_round,
+            resumed["path"])
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         loss, accuracy = evaluator(arrays)
@@ -131,6 +147,9 @@ def run_server(grid: Grid, context: Context) -> dict:
         else:
             stats = getattr(strategy, "round_stats", {}).get(server_round, {})
             recorder.on_round_end(server_round, accuracy, loss, **stats)
+            if config.checkpoint_keep:
+                write_checkpoint(recorder.run_dir, server_round, checkpoint_payload(
+                    config, strategy, arrays, recorder), config.checkpoint_keep)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     recorder.setup_seconds = time.monotonic() - start
@@ -138,7 +157,7 @@ def run_server(grid: Grid, context: Context) -> dict:
         recorder.setup_seconds)
     try:
         wait_for_nodes(grid, config)
-        strategy.start(
+        result = strategy.start(
             grid=grid,
             initial_arrays=initial_arrays,
             num_rounds=config.num_server_rounds,
@@ -146,9 +165,43 @@ def run_server(grid: Grid, context: Context) -> dict:
             train_config=message_config(config),
             evaluate_config=message_config(config),
             evaluate_fn=evaluate_fn,
+            first_round=first_round,
         )
     except Exception as err:
         log(ERROR, "run failed: %s", err)
         recorder.finish(status="failed", error=str(err))
         raise
+    save_final_model(recorder.run_dir, result.arrays.to_torch_state_dict())
     return recorder.finish(status="completed")
+
+
+def resume_point(config: RunConfig) -> dict[str, Any] | None:
+    """The checkpoint ``resume-from`` names (its newest), checked against ``config``;
+    None for a new run. Raises :class:`ResumeError` with the file and the reason."""
+    if not config.resume_from:
+        return None
+    run_dir = Path(config.resume_from)
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get(
+            "status") == "completed":
+        raise ResumeError(f"{summary}: the run completed; there is nothing to resume")
+    path = latest_checkpoint(run_dir)
+    payload = load_checkpoint(path, config.to_mapping())
+    payload["path"] = str(path)
+    return payload
+
+
+def checkpoint_payload(config: RunConfig, strategy: Any, arrays: ArrayRecord,
+                       recorder: RunRecorder) -> dict[str, Any]:
+    """What a checkpoint holds beyond its round (see :mod:`mosaic_flwr.checkpoint`)."""
+    return {"config": config.to_mapping(), "arrays": arrays.to_torch_state_dict(),
+            "strategy": strategy.state_dict(), "rng": rng_states(),
+            "recorder": recorder.state_dict()}
+
+
+def restore(payload: dict[str, Any], strategy: Any) -> tuple[int, ArrayRecord]:
+    """Put a checkpoint's strategy state and random states back; return the round to start
+    at and the global model to start from."""
+    strategy.load_state_dict(payload["strategy"])
+    restore_rng_states(payload["rng"])
+    return int(payload["round"]) + 1, ArrayRecord(payload["arrays"])

@@ -24,7 +24,7 @@ prototypes) extends :meth:`~TaskStrategy.stats_problem`.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -130,6 +130,20 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
         """Turn the average of the usable replies (``arrays``) into the new global model,
         reading the decoded replies (``uploads``, in partition order); stats to record."""
         return arrays, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every piece of server state a later round reads, for a checkpoint
+        (:mod:`mosaic_flwr.checkpoint`); a method that keeps more extends it."""
+        return {**super().state_dict(), "rng": self.rng.get_state(),
+                "group_arrays": {name: arrays.to_torch_state_dict()
+                                 for name, arrays in self.group_arrays.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what :meth:`state_dict` returned."""
+        super().load_state_dict(state)
+        self.rng.set_state(state["rng"])
+        self.group_arrays = {name: ArrayRecord(arrays)
+                             for name, arrays in state["group_arrays"].items()}
 
     # ------------------------------------------------------------ Flower API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

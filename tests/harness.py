@@ -36,7 +36,7 @@ from mosaic_flwr.client import handle_evaluate, handle_train
 from mosaic_flwr.config import RunConfig
 from mosaic_flwr.faults import InjectedFault
 from mosaic_flwr.records import CLIENT_RECORD
-from mosaic_flwr.server import CentralEvaluator, message_config
+from mosaic_flwr.server import CentralEvaluator, message_config, run_server
 from mosaic_flwr.strategies import build_strategy
 
 Handler = Callable[[Message, Context], Message]
@@ -83,22 +83,37 @@ TINY: dict[str, dict[str, Any]] = {
 }
 
 
+class SimulatedCrash(BaseException):
+    """The whole run stops at once (a BaseException, so no ``except Exception`` in the
+    ServerApp records it: as after kill -9, the run folder holds what was written)."""
+
+
 class InlineGrid(Grid):
-    """Sends each message to a handler called in this process, one node after another."""
+    """Sends each message to a handler called in this process, one node after another.
+
+    ``crash_at=(round, n)`` makes the grid raise :class:`SimulatedCrash` instead of
+    sending the ``n``-th message (counted from 1) of that round: the whole run
+    stops there, as if its processes were killed.
+    """
 
     def __init__(self, num_nodes: int, override_config: dict[str, Any] | None = None,
-                 train: Handler = handle_train, evaluate: Handler = handle_evaluate) -> None:
+                 train: Handler = handle_train, evaluate: Handler = handle_evaluate,
+                 first_node_id: int = 1, crash_at: tuple[int, int] | None = None) -> None:
         self.num_nodes = num_nodes
+        self.crash_at = crash_at
+        self._sent_in_round: dict[int, int] = {}
         self.handlers = {"train": train, "evaluate": evaluate}
         self._run = SimpleNamespace(override_config=dict(override_config or {}))
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         # One context per node for the whole run, as a SuperNode keeps it (node state).
+        # A restarted simulation numbers its nodes anew (first_node_id).
+        self.node_ids = range(first_node_id, first_node_id + num_nodes)
         self.contexts = {node: Context(run_id=1, node_id=node,
-                                       node_config={"partition-id": node - 1,
+                                       node_config={"partition-id": i,
                                                     "num-partitions": num_nodes},
                                        state=RecordDict(), run_config={})
-                         for node in range(1, num_nodes + 1)}
+                         for i, node in enumerate(self.node_ids)}
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
     @property
@@ -113,7 +128,7 @@ class InlineGrid(Grid):
                        group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return range(1, self.num_nodes + 1)
+        return self.node_ids
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError("InlineGrid only supports send_and_receive")
@@ -128,6 +143,10 @@ class InlineGrid(Grid):
             # The real Grid serialises each message when it is sent; copy so later
             # changes to the shared records (e.g. "server-round") do not show here.
             msg = copy.deepcopy(msg)
+            rnd = server_round(msg)
+            self._sent_in_round[rnd] = self._sent_in_round.get(rnd, 0) + 1
+            if self.crash_at == (rnd, self._sent_in_round[rnd]):
+                raise SimulatedCrash(f"crashed in round {rnd}")
             context = self.contexts[msg.metadata.dst_node_id]
             handler = self.handlers[msg.metadata.message_type.split(".")[0]]
             self.sent.append(msg)
@@ -220,3 +239,15 @@ def run_inline(overrides: dict[str, Any], node_models: dict[int, str] | None = N
                             train_config=message_config(config),
                             evaluate_config=message_config(config), evaluate_fn=evaluate_fn)
     return InlineRun(dict(overrides), config, strategy, grid, result, accuracies)
+
+
+def serve_inline(overrides: dict[str, Any], **grid_options: Any) -> dict[str, Any]:
+    """Run :func:`mosaic_flwr.server.run_server` itself, the ServerApp's whole work
+    (run folder, metrics, checkpoints, resuming), on an :class:`InlineGrid`; returns the
+    summary. ``overrides`` must name an absolute ``output-dir``; ``grid_options`` go
+    to the grid (``first_node_id``, ``crash_at``)."""
+    config = RunConfig.from_mapping(overrides)
+    grid = InlineGrid(config.num_clients, overrides, **grid_options)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={**RunConfig().to_mapping(), **overrides})
+    return run_server(grid, context)

@@ -182,15 +182,16 @@ class DenseStrategy(TaskStrategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
-              ) -> Result:
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              first_round: int = 1) -> Result:
         """One communication round (DENSE is one-shot), whatever ``num_rounds`` is."""
         if num_rounds != 1:
             log(INFO, "[dense] one-shot: 1 communication round (of the %d budgeted), clients "
                 "train %s local epochs in it", num_rounds, self.local_epochs or "the configured")
         return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=1,
                              timeout=timeout, train_config=train_config,
-                             evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
+                             evaluate_config=evaluate_config, evaluate_fn=evaluate_fn,
+                             first_round=first_round)
 
     def task_for(self, server_round: int) -> TrainTask:
         """The one round: local training for ``local_epochs`` epochs (or ``local_steps``)."""

@@ -19,7 +19,7 @@ rates decay by ``lr_decay`` per round.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from flwr.app import ArrayRecord
@@ -141,6 +141,15 @@ class FedFTGStrategy(TaskStrategy):
                    lambda: ImageGenerator(spec, settings.latent_dim, settings.generator_width,
                                           spec.num_classes),
                    settings, **server_options(config, score_fn), **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base state plus the server's generator (trained on from round to round)."""
+        return {**super().state_dict(), "generator": self.generator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.generator.load_state_dict(state["generator"])
 
     def task_for(self, server_round: int) -> TrainTask:
         """Plain local training, plus the label counts."""

@@ -17,7 +17,7 @@ with ``alpha_t = max(1e-4, alpha * decay^t)`` (same for beta) in round ``t + 1``
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from flwr.app import ArrayRecord
@@ -129,6 +129,20 @@ class FedGenStrategy(TaskStrategy):
         """The strategy for a run config."""
         return cls(model_fn_for(config), config.fedgen,
                    **server_options(config, score_fn), **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base state plus the server generator, its optimiser and learning-rate schedule."""
+        return {**super().state_dict(), "generator": self.generator.state_dict(),
+                "optimiser": self.optimiser.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "generator_ready": self.generator_ready}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.generator.load_state_dict(state["generator"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator_ready = bool(state["generator_ready"])
 
     def task_for(self, server_round: int) -> TrainTask:
         """Every round: the FedGen objective and the label counts."""

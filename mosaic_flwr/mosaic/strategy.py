@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from logging import INFO
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -106,8 +106,12 @@ class MosaicStrategy(TaskStrategy):
         self._grid: Grid | None = None
         self._evaluate_config = ConfigRecord()
         self._timeout: float | None = None
-        #: The nodes that judge the federated checks: the distillation round's clients.
+        #: The partitions whose clients judge the federated checks: the distillation
+        #: round's clients.
         self._judges: list[int] = []
+        #: The node each partition last replied from (a node id is not kept across a
+        #: restart of the simulation or of a SuperNode; a partition is).
+        self._node_of: dict[int, int] = {}
         with torch.no_grad():
             self.input_shape = tuple(generator_fn().eval().sample(1).shape[1:])
 
@@ -119,6 +123,15 @@ class MosaicStrategy(TaskStrategy):
         settings = config.mosaic
         return cls(model_fn_for(config), lambda: build_generator(spec, settings.generator), settings,
                    **server_options(config, score_fn), **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base state plus the partitions that judge the fine-tuning checks."""
+        return {**super().state_dict(), "judges": list(self._judges)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`; nodes are learned again from the next replies."""
+        super().load_state_dict(state)
+        self._judges = list(state["judges"])
 
     # ------------------------------------------------------------------ Flower API
     def summary(self) -> None:
@@ -138,8 +151,8 @@ class MosaicStrategy(TaskStrategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
-              ) -> Result:
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              first_round: int = 1) -> Result:
         """Check that the schedule fits ``num_rounds``, then run Flower's round loop."""
         problem = self.settings.schedule_problem(num_rounds)
         if problem:
@@ -148,7 +161,8 @@ class MosaicStrategy(TaskStrategy):
         self._timeout = timeout
         return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
                              timeout=timeout, train_config=train_config,
-                             evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
+                             evaluate_config=evaluate_config, evaluate_fn=evaluate_fn,
+                             first_round=first_round)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -181,6 +195,7 @@ class MosaicStrategy(TaskStrategy):
                     ) -> tuple[ArrayRecord, dict[str, float]]:
         """In the distillation round, distil the teacher into the average; in a fine-tuning
         round with the trust checks on, keep the average only if the clients prefer it."""
+        self._node_of.update({u.partition_id: u.node_id for u in uploads})
         phase = self.settings.phase(server_round)
         if phase == DISTILL:
             return self.distill_round(uploads, arrays, server_round)
@@ -195,7 +210,7 @@ class MosaicStrategy(TaskStrategy):
         score it at least as high as the model the round started from, so that
         fine-tuning cannot undo the distilled gain (:meth:`_clients_prefer`)."""
         stats: dict[str, float] = {}
-        judges = self._judges or [u.node_id for u in uploads]
+        judges = self._judges or [u.partition_id for u in uploads]
         keep, verdict = self._clients_prefer(server_round, judges, self._global_arrays, average,
                                              ("start", "average"), stats)
         stats["finetune_kept"] = float(keep)
@@ -275,7 +290,7 @@ class MosaicStrategy(TaskStrategy):
             if self.score_fn is not None:
                 stats["student_accuracy_distilled"] = self.score_fn(student)
             distilled = ArrayRecord({k: v.detach().cpu() for k, v in student.state_dict().items()})
-            self._judges = [u.node_id for u in uploads]
+            self._judges = [u.partition_id for u in uploads]
             keep, verdict = self._clients_prefer(server_round, self._judges, global_arrays,
                                                  distilled, ("before", "distilled"), stats)
             verdict = ("kept: " if keep else "discarded: ") + verdict
@@ -342,17 +357,24 @@ class MosaicStrategy(TaskStrategy):
         stats["meta_used"] = 1.0
         return meta
 
-    def _clients_prefer(self, server_round: int, nodes: list[int],
+    def _clients_prefer(self, server_round: int, judges: list[int],
                         incumbent: ArrayRecord, candidate: ArrayRecord, names: tuple[str, str],
                         stats: dict[str, float]) -> tuple[bool, str]:
-        """Whether the clients on ``nodes``, scoring both global models on their own data (Flower
-        evaluate messages, :mod:`.trust`), find ``candidate`` at least as accurate as
-        ``incumbent``; and the verdict in words. Records ``federated_accuracy_<name>`` for
-        both. Without a grid or without a client that scored both, the candidate wins."""
+        """Whether the clients of the partitions ``judges``, scoring both global models on
+        their own data (Flower evaluate messages, :mod:`.trust`), find ``candidate`` at
+        least as accurate as ``incumbent``; and the verdict in words. Records
+        ``federated_accuracy_<name>`` for both. Without a grid or without a client that
+        scored both, the candidate wins.
+
+        The judges are asked on the nodes they last replied from; when some judge's
+        node is not connected (it left, or the run was resumed and node ids are new),
+        every connected node is asked and only the judges' replies count."""
         if self._grid is None:
             return True, "unchecked: no grid to ask clients (the strategy runs outside a round)"
-        connected = set(self._grid.get_node_ids())
-        nodes = [node for node in nodes if node in connected]  # a node that left cannot answer
+        connected = list(self._grid.get_node_ids())
+        nodes = [self._node_of[p] for p in judges if self._node_of.get(p) in connected]
+        if len(nodes) < len(judges):
+            nodes = connected
         began = time.monotonic()
         scores = []
         for arrays in (incumbent, candidate):
@@ -362,7 +384,7 @@ class MosaicStrategy(TaskStrategy):
             # model it trains itself (as in federated evaluation).
             messages = list(self._construct_messages(record, nodes, MessageType.EVALUATE))
             scores.append(local_scores(self._grid.send_and_receive(messages, timeout=self._timeout)))
-        common = sorted(set(scores[0]) & set(scores[1]))
+        common = sorted(set(scores[0]) & set(scores[1]) & set(judges))
         stats["federated_check_clients"] = len(common)
         stats["federated_check_seconds"] = time.monotonic() - began
         if not common:

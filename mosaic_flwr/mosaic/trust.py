@@ -36,6 +36,8 @@ from typing import Iterable
 import torch
 from flwr.app import Message
 
+from ..aggregation import evaluate_reply_problem, reply_partition_id, screen_replies
+
 
 def holdout_split(groups: torch.Tensor, share: float, rng: torch.Generator
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,21 +61,35 @@ def holdout_split(groups: torch.Tensor, share: float, rng: torch.Generator
 
 
 def local_scores(replies: Iterable[Message]) -> dict[int, tuple[float, int]]:
-    """``{node: (local accuracy, number of examples)}`` from evaluate replies; replies
-    with an error or without those metrics are left out."""
+    """``{partition id: (local accuracy, number of examples)}`` from evaluate replies.
+
+    Replies are screened as federated evaluation screens them
+    (:func:`~mosaic_flwr.aggregation.screen_replies`): one with an error, without
+    one MetricRecord holding a positive ``num-examples``, or whose
+    ``local-accuracy`` is missing or not a number in [0, 1] is left out, so one
+    bad reply cannot sway the pooled score.
+    """
+    def problem(msg: Message) -> str:
+        reason = evaluate_reply_problem(msg, "num-examples")
+        if reason:
+            return reason
+        accuracy = next(iter(msg.content.metric_records.values())).get("local-accuracy")
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) \
+                or not 0.0 <= accuracy <= 1.0:
+            return f"local-accuracy must be a number in [0, 1], got {accuracy!r}"
+        return ""
+
+    usable, _ = screen_replies(replies, problem)
     scores = {}
-    for reply in replies:
-        if reply.has_error() or "metrics" not in reply.content.metric_records:
-            continue
-        metrics = reply.content.metric_records["metrics"]
-        if "local-accuracy" in metrics and "num-examples" in metrics:
-            scores[reply.metadata.src_node_id] = (float(metrics["local-accuracy"]),
-                                                  int(metrics["num-examples"]))
+    for reply in usable:
+        metrics = next(iter(reply.content.metric_records.values()))
+        scores[reply_partition_id(reply)] = (float(metrics["local-accuracy"]),
+                                             int(metrics["num-examples"]))
     return scores
 
 
-def pooled_accuracy(scores: dict[int, tuple[float, int]], nodes: Iterable[int]) -> float:
-    """Accuracy over the pooled examples of ``nodes`` (each weighted by its count)."""
-    pairs = [scores[node] for node in nodes]
+def pooled_accuracy(scores: dict[int, tuple[float, int]], clients: Iterable[int]) -> float:
+    """Accuracy over the pooled examples of ``clients`` (each weighted by its count)."""
+    pairs = [scores[client] for client in clients]
     total = sum(n for _, n in pairs)
     return sum(acc * n for acc, n in pairs) / total if total else 0.0
