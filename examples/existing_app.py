@@ -27,6 +27,7 @@ from mosaic_flwr.data import BatchTransform, DatasetSpec
 from mosaic_flwr.kd.generator import build_generator
 from mosaic_flwr.kd.upload import client_generator
 from mosaic_flwr.mosaic.client import client_statistics
+from mosaic_flwr.records import label_counts_record
 
 NUM_CLIENTS = 4
 SPEC = DatasetSpec("my-digits", channels=1, image_size=8, num_classes=10, mean=(0.3,),
@@ -94,6 +95,8 @@ def client_train(msg: Message, context: Context) -> Message:
     if task.upload_stats:  # prototypes use the received global model's features
         content["stats"] = client_statistics(model, images, labels, transform, 10, settings,
                                              device, rng)
+    elif task.upload_counts:  # round 1: the label counts only
+        content["stats"] = label_counts_record(labels, 10)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1 * task.learning_rate_scale)
     for _ in range(3):
         for batch in torch.randperm(len(labels), generator=rng).split(32):

@@ -285,10 +285,14 @@ class TolerantAggregation:
             "clients_sampled": self._num_sent, "clients_ok": len(usable),
             "clients_failed": len(rejected), "clients_timed_out": timed_out}
         if len(usable) < self.min_replies:
+            reasons = Counter(reason for _, reason in rejected).most_common(1)
+            common = (f"; most common problem ({reasons[0][1]} replies): {reasons[0][0]}"
+                      if reasons else "")
             raise NotEnoughRepliesError(
                 f"round {server_round}: only {len(usable)} usable replies from "
                 f"{self._num_sent} sampled clients, fewer than min-clients={self.min_replies} "
-                f"({len(rejected)} failed or malformed, {timed_out} timed out); stopping the run")
+                f"(min_replies in Python) ({len(rejected)} failed or malformed, {timed_out} "
+                f"timed out){common}; stopping the run")
         usable.sort(key=reply_partition_id)
         self.round_stats[server_round].update(client_seconds(usable))
         return usable

@@ -130,10 +130,11 @@ def load_checkpoint(path: Path, config: dict[str, Any] | None = None) -> dict[st
     return payload
 
 
-def config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
+def config_difference(saved: dict[str, Any], current: dict[str, Any],
+                      where: str = "in the checkpoint") -> str:
     """The keys (outside :data:`MAY_CHANGE`) on which two run configs differ, in words."""
     keys = sorted((set(saved) | set(current)) - MAY_CHANGE)
-    return ", ".join(f"{k}={saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
+    return ", ".join(f"{k}={saved.get(k)!r} {where}, {current.get(k)!r} now"
                      for k in keys if saved.get(k) != current.get(k))
 
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, DatasetUnavailableError, ResumeError
 
 RAY_ADDRESS_HELP = ("join an existing Ray cluster (host:port of `ray start --head`) instead of "
                     "starting a local one")
@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--app", type=Path, default=None,
                      help="Flower app folder (default: this project's)")
     sim.add_argument("--ray-address", default="", metavar="ADDRESS", help=RAY_ADDRESS_HELP)
+    sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue a stopped run from its newest checkpoint, with the run's "
+                          "own configuration (RUN_DIR/config.json); -c may change only how it is "
+                          "watched (round-timeout, node-wait-timeout, wandb-*, server-threads, "
+                          "checkpoint-keep)")
     cmp_ = sub.add_parser("compare", help="run several methods over seeds (and alphas) and "
                                           "write comparison.md/.csv/.png")
     cmp_.add_argument("--methods", nargs="+", default=["fedavg", "mosaic"],
@@ -44,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="Dirichlet alphas to sweep (default: the run config's)")
     cmp_.add_argument("-c", "--run-config", action="append", default=[],
                       help="run-config values shared by every method, TOML values")
-    cmp_.add_argument("--output-dir", type=Path, default=Path("outputs/comparison"))
+    cmp_.add_argument("--output-dir", type=Path, default=Path("outputs/comparison"),
+                      help="where runs and report go; the same command into the same folder "
+                           "keeps completed runs and continues stopped ones")
     cmp_.add_argument("--cpus-per-client", type=int, default=1)
     cmp_.add_argument("--gpus-per-client", type=float, default=0.0)
     cmp_.add_argument("--ray-address", default="", metavar="ADDRESS", help=RAY_ADDRESS_HELP)
@@ -64,17 +71,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     # Imported per command, so that --help needs none of it.
+    from .preflight import preflight  # pylint: disable=import-outside-toplevel
     from .simulation import (  # pylint: disable=import-outside-toplevel
-        APP_DIR, LocalSuperLink, parse_overrides, resolve_overrides, simulate)
+        APP_DIR, LocalSuperLink, parse_overrides, resolve_overrides, resume_overrides, simulate)
 
-    try:
+    try:  # a mistake fails here, in seconds, before the SuperLink starts
         overrides = parse_overrides(args.run_config)
-        resolve_overrides(overrides)  # a mistake fails here, before the SuperLink starts
+        if args.resume is not None:
+            overrides = resume_overrides(args.resume, overrides)
+        overrides.setdefault("output-dir", str(args.output_dir.resolve()))
+        preflight(resolve_overrides(overrides), args.gpus_per_client)
         with LocalSuperLink(ray_address=args.ray_address) as link:
             outcome = simulate(overrides, superlink=link, app_dir=args.app or APP_DIR,
                                output_dir=args.output_dir, cpus_per_client=args.cpus_per_client,
                                gpus_per_client=args.gpus_per_client, stream=True)
-    except ConfigError as err:
+    except (ConfigError, ResumeError, DatasetUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\nrun {outcome.run_id}: {outcome.status}; results in {outcome.run_dir}")
@@ -87,23 +98,22 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import parse_method, run_comparison  # pylint: disable=import-outside-toplevel
+    from .compare import parse_method, plan_comparison, run_comparison  # pylint: disable=import-outside-toplevel
+    from .preflight import preflight  # pylint: disable=import-outside-toplevel
     from .simulation import parse_overrides, resolve_overrides  # pylint: disable=import-outside-toplevel
 
-    try:
-        methods = [parse_method(text) for text in args.methods]
+    try:  # every run's config and what is on disk already: fails in seconds, before any run
         base = parse_overrides(args.run_config)
-        for method in methods:  # fail in a second, before any run starts
-            for alpha in args.alphas or [None]:
-                overrides = {**base, **method.overrides}
-                if alpha is not None:
-                    overrides["dirichlet-alpha"] = alpha
-                resolve_overrides(overrides)
-    except (ConfigError, ValueError) as err:
+        plan = plan_comparison([parse_method(text) for text in args.methods], args.seeds,
+                               args.alphas or [None], base, args.output_dir)
+        for run in plan:
+            if run.state != "completed":
+                preflight(resolve_overrides(run.overrides), args.gpus_per_client)
+    except (ConfigError, ValueError, DatasetUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    rows = run_comparison(methods, args.seeds, args.alphas or [None], base, args.output_dir,
-                          args.cpus_per_client, args.gpus_per_client, args.ray_address)
+    rows = run_comparison(plan, base, args.output_dir, args.cpus_per_client,
+                          args.gpus_per_client, args.ray_address)
     report = (args.output_dir / "comparison.md").resolve()
     print(report.read_text(encoding="utf-8"))
     print(f"report: {report}")

@@ -36,8 +36,8 @@ from .kd.upload import GeneratorUpload
 from .models import Classifier, ModelSpec
 from .mosaic.client import FinetuneAnchor, MosaicStatistics
 from .node import NodeSettings
-from .records import (CLIENT_RECORD, GLOBAL_MODEL_RECORD, LABEL_COUNTS, STATS_RECORD, TrainTask,
-                      label_counts_array)
+from .records import (CLIENT_RECORD, GLOBAL_MODEL_RECORD, GROUP_MODEL_PREFIX, STATS_RECORD,
+                      TrainTask, label_counts_record)
 from .submodels import extract_submodel, submodel_indices
 from .training import TrainSettings, evaluate, select_device, train
 
@@ -109,7 +109,8 @@ class LocalSetup:  # pylint: disable=too-many-instance-attributes
             self.model: Classifier = self.global_spec.build(self.spec)
             self.model.load_state_dict(received)
         else:
-            self.model = self.own_model(received, task)
+            group = msg.content.array_records.get(GROUP_MODEL_PREFIX + str(self.model_spec))
+            self.model = self.own_model(received, task, group)
         self.seed = round_seed(self.config, self.partition_id, self.server_round)
 
     @property
@@ -117,20 +118,25 @@ class LocalSetup:  # pylint: disable=too-many-instance-attributes
         """True when this client trains the global model itself."""
         return self.model_spec == self.global_spec
 
-    def own_model(self, received: dict[str, torch.Tensor], task: TrainTask) -> Classifier:
+    def own_model(self, received: dict[str, torch.Tensor], task: TrainTask,
+                  group: ArrayRecord | None = None) -> Classifier:
         """This client's model, starting from what the server sent.
 
         The received arrays are loaded when they are this model; a width
         sub-model is cut from them when the task slices; any other model starts
-        from an initialisation seeded by the run seed and the model's name (so
-        the clients of one group start alike), and from then on the server
-        sends the group's average.
+        from its group's average when the server sent it along (``group``: the
+        server has not heard from this node yet), else from an initialisation
+        seeded by the run seed and the model's name (so the clients of one
+        group start alike), and from then on the server sends the group's
+        average.
         """
         sent = ModelSpec.parse(task.arrays_model) if task.arrays_model else self.global_spec
         own = self.model_spec
         model = own.build(self.spec, seed=initial_seed(self.config, own))
         if own == sent:
             model.load_state_dict(received)
+        elif group is not None:
+            model.load_state_dict(group.to_torch_state_dict())
         elif task.slicing and own.holds_slice_of(sent):
             indices = submodel_indices({k: tuple(v.shape) for k, v in received.items()},
                                        {k: tuple(v.shape) for k, v in model.state_dict().items()},
@@ -183,8 +189,7 @@ class LabelCounts(ClientPart):
 
     def before_training(self, work: ClientWork) -> None:
         setup = work.setup
-        work.extra[STATS_RECORD] = ArrayRecord(
-            {LABEL_COUNTS: label_counts_array(setup.labels, setup.spec.num_classes)})
+        work.extra[STATS_RECORD] = label_counts_record(setup.labels, setup.spec.num_classes)
 
 
 #: Local objectives beyond cross-entropy, by the name a task gives (``TrainTask.objective``).

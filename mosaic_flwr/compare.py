@@ -88,45 +88,130 @@ def parse_method(text: str) -> Method:
     return Method(label, parse_overrides(spec.split()) if spec.strip() else {})
 
 
-def run_comparison(methods: list[Method], seeds: list[int], alphas: list[float | None],
-                   base: dict[str, Any], output_dir: Path, cpus_per_client: int = 1,
-                   gpus_per_client: float = 0.0, ray_address: str = "") -> list[dict[str, Any]]:
-    """Run every (alpha, seed, method) and write the report; returns one row per run.
+@dataclass
+class PlannedRun:
+    """One (method, alpha, seed) of a comparison, and what is on disk for it already."""
 
+    method: Method
+    alpha: float  # the run's dirichlet-alpha (the base's when no --alphas were given)
+    seed: int
+    overrides: dict[str, Any]
+    run_dir: Path
+    #: ``new``; ``completed`` (kept, not run again); ``resume`` (continued from its
+    #: newest checkpoint); ``restart`` (stopped before any checkpoint: set aside, run anew).
+    state: str = "new"
+
+
+def plan_comparison(methods: list[Method], seeds: list[int], alphas: list[float | None],
+                    base: dict[str, Any], output_dir: Path) -> list[PlannedRun]:
+    """Every (alpha, seed, method) run, validated, with what an earlier invocation into
+    the same ``output_dir`` left of it.
+
+    Raises :class:`~mosaic_flwr.errors.ConfigError` for a bad config, and
+    ``ValueError`` when a run folder there holds a run of other settings (a
+    different command into the same folder).
+    """
+    from .checkpoint import config_difference  # pylint: disable=import-outside-toplevel
+
+    output_dir = output_dir.resolve()
+    plan = []
+    for alpha in alphas:
+        for seed in seeds:
+            for method in methods:
+                overrides = {**base, **method.overrides, "seed": seed,
+                             "output-dir": str(output_dir / "runs"),
+                             "run-name": _run_name(method.label, alpha, seed)}
+                if alpha is not None:
+                    overrides["dirichlet-alpha"] = alpha
+                config = resolve_overrides(overrides).to_mapping()
+                run = PlannedRun(method, config["dirichlet-alpha"], seed, overrides,
+                                 output_dir / "runs" / overrides["run-name"])
+                saved = run.run_dir / "config.json"
+                if saved.is_file():
+                    differ = config_difference(json.loads(saved.read_text(encoding="utf-8")),
+                                               config, where="there")
+                    if differ:
+                        raise ValueError(f"{saved} holds a run with other settings ({differ}); "
+                                         f"use another --output-dir")
+                    run.state = _state_on_disk(run.run_dir)
+                plan.append(run)
+    return plan
+
+
+def _state_on_disk(run_dir: Path) -> str:
+    """What to do with a run folder an earlier invocation left (see :class:`PlannedRun`)."""
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get(
+            "status") == "completed":
+        return "completed"
+    return "resume" if list((run_dir / "checkpoints").glob("round-*.pt")) else "restart"
+
+
+def run_comparison(plan: list[PlannedRun], base: dict[str, Any], output_dir: Path,
+                   cpus_per_client: int = 1, gpus_per_client: float = 0.0,
+                   ray_address: str = "") -> list[dict[str, Any]]:
+    """Run the planned runs and write the report; returns one row per run.
+
+    Runs that completed in an earlier invocation into ``output_dir`` are kept, not
+    run again; runs it left stopped continue from their newest checkpoint (or, with
+    none, are set aside as ``<name>.stopped-N`` and run anew). So a comparison that
+    was killed finishes when the same command is run again.
     ``ray_address`` (``host:port``) runs them on that Ray cluster, see :class:`LocalSuperLink`.
     """
+    from .errors import ResumeError  # pylint: disable=import-outside-toplevel
+    from .simulation import resume_overrides  # pylint: disable=import-outside-toplevel
+
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    methods = list({run.method.label: run.method for run in plan}.values())
     rows: list[dict[str, Any]] = []
     with LocalSuperLink(ray_address=ray_address) as link:
-        for alpha in alphas:
-            for seed in seeds:
-                for method in methods:
-                    overrides = {**base, **method.overrides, "seed": seed,
-                                 "output-dir": str(output_dir / "runs"),
-                                 "run-name": _run_name(method.label, alpha, seed)}
-                    if alpha is not None:
-                        overrides["dirichlet-alpha"] = alpha
-                    config = resolve_overrides(overrides)
-                    print(f"[compare] {method.label} alpha={config.dirichlet_alpha} seed={seed}",
-                          flush=True)
-                    outcome = simulate(overrides, superlink=link, output_dir=output_dir,
-                                       cpus_per_client=cpus_per_client,
-                                       gpus_per_client=gpus_per_client)
-                    row = {"method": method.label, "alpha": config.dirichlet_alpha, "seed": seed,
-                           "status": outcome.status, "final_accuracy": None,
-                           "best_accuracy": None, "wall_seconds": None,
-                           "run_dir": str(outcome.run_dir)}
-                    if outcome.completed:
-                        summary = outcome.summary
-                        row.update(final_accuracy=summary["final_accuracy"],
-                                   best_accuracy=summary["best_accuracy"],
-                                   wall_seconds=summary["wall_seconds"])
-                    print(f"[compare] -> {row['status']}, final accuracy "
-                          f"{row['final_accuracy']}", flush=True)
-                    rows.append(row)
-                    write_report(rows, methods, base, output_dir)
+        for run in plan:
+            print(f"[compare] {run.method.label} alpha={run.alpha} seed={run.seed}: {run.state}",
+                  flush=True)
+            overrides = run.overrides
+            if run.state == "resume":
+                try:
+                    overrides = resume_overrides(run.run_dir, {})
+                except ResumeError as err:
+                    print(f"[compare] cannot resume ({err}); running it anew", flush=True)
+                    run.state = "restart"
+            if run.state == "restart":
+                aside = _set_aside(run.run_dir)
+                print(f"[compare] the stopped run's folder is kept as {aside}", flush=True)
+            if run.state != "completed":
+                simulate(overrides, superlink=link, output_dir=output_dir,
+                         cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client)
+            row = _row(run)
+            print(f"[compare] -> {row['status']}, final accuracy {row['final_accuracy']}",
+                  flush=True)
+            rows.append(row)
+            write_report(rows, methods, base, output_dir)
     return rows
+
+
+def _set_aside(run_dir: Path) -> Path:
+    """Rename a stopped run's folder to ``<name>.stopped-N`` (nothing is deleted)."""
+    n = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.stopped-{n}")).exists():
+        n += 1
+    run_dir.rename(aside)
+    return aside
+
+
+def _row(run: PlannedRun) -> dict[str, Any]:
+    """The report's row of a run, from its ``summary.json``."""
+    summary_path = run.run_dir / "summary.json"
+    summary = (json.loads(summary_path.read_text(encoding="utf-8"))
+               if summary_path.is_file() else {})
+    status = {"completed": "finished:completed", "failed": "finished:failed"}.get(
+        summary.get("status", ""), "not-finished")
+    done = status == "finished:completed"
+    return {"method": run.method.label, "alpha": run.alpha, "seed": run.seed, "status": status,
+            "final_accuracy": summary["final_accuracy"] if done else None,
+            "best_accuracy": summary["best_accuracy"] if done else None,
+            "wall_seconds": summary["wall_seconds"] if done else None,
+            "run_dir": str(run.run_dir)}
 
 
 def _run_name(label: str, alpha: float | None, seed: int) -> str:

@@ -294,7 +294,13 @@ def load_preset(name: str) -> dict[str, Any]:
         raise ConfigError("preset", name,
                           f"no such preset file {path}; shipped presets: "
                           f"{', '.join(available_presets()) or 'none'}")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("preset", name, f"{path} is not valid YAML{where}: "
+                          f"{getattr(err, 'problem', None) or err}") from None
     if not isinstance(values, dict):
         raise ConfigError("preset", name, f"{path} must hold a mapping of run-config keys")
     if "client-models" in values:  # a mapping or per-partition list is allowed in YAML

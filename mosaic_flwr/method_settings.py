@@ -57,6 +57,17 @@ class MethodSettings(Settings):
         """Raise ``ConfigError`` when the rest of the run config cannot host this method
         (called only when the run's strategy is this method's; nothing by default)."""
 
+    def check(self) -> None:
+        """:meth:`validate` for settings built in Python (a strategy's constructor): the
+        ``ValueError`` names the field (``MosaicSettings.warmup_rounds``), not the key."""
+        try:
+            self.validate()
+        except ConfigError as err:
+            prefix = f"{self.PREFIX}-"
+            name = (err.key[len(prefix):].replace("-", "_") if err.key.startswith(prefix)
+                    else err.key)
+            raise ValueError(f"{type(self).__name__}.{name}={err.value!r}: {err.allowed}") from None
+
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the run-config key of the first bad value."""
         for f in fields(self):  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from .aggregation import array_signature, average_arrays
 from .models import Classifier, ModelSpec
-from .records import CLIENT_RECORD, GLOBAL_MODEL_RECORD, ClientUpload
+from .records import CLIENT_RECORD, GLOBAL_MODEL_RECORD, GROUP_MODEL_PREFIX, ClientUpload
 from .submodels import aggregate_submodels, submodel_indices
 from .training import fast_layout
 
@@ -77,9 +77,17 @@ class ModelRouting:
 
         A node known to train a non-global model that is not cut from the global
         one gets its group's latest average instead of the global model (and the
-        global model as well under ``global-model`` when ``with_global``).
+        global model as well under ``global-model`` when ``with_global``). A node
+        not heard from yet (new, or renumbered by a restart) gets the global model
+        and every such group's average (``group-model:<name>``), to train from
+        its own.
         """
-        model = self.node_models.get(msg.metadata.dst_node_id, self.global_name)
+        node = msg.metadata.dst_node_id
+        if node not in self.node_models:  # not heard from yet: send every group's average
+            for name, group in self.group_arrays.items():
+                if not self.sliced(name):
+                    msg.content[GROUP_MODEL_PREFIX + name] = group
+        model = self.node_models.get(node, self.global_name)
         if model in self.group_arrays and not self.sliced(model):
             msg.content[self.arrayrecord_key] = self.group_arrays[model]
             if with_global:

@@ -37,6 +37,10 @@ GENERATOR_RECORD = "generator"
 STATS_RECORD = "stats"
 LABEL_COUNTS = "label-counts"
 GLOBAL_MODEL_RECORD = "global-model"
+#: Prefix of the records that carry a client-model group's latest average to a node
+#: the server has not heard from yet (``group-model:resnet8``): new, or its id is new
+#: after a restart. The node trains from the one of its own model.
+GROUP_MODEL_PREFIX = "group-model:"
 
 #: Prefix of the task keys that carry the strategy's client-side settings.
 SETTING_PREFIX = "setting."
@@ -132,6 +136,11 @@ class TrainTask:
 def label_counts_array(labels: torch.Tensor, num_classes: int) -> Array:
     """Per-class sample counts as the int64 array clients upload (``label-counts``)."""
     return Array(torch.bincount(labels, minlength=num_classes).numpy().astype("int64"))
+
+
+def label_counts_record(labels: torch.Tensor, num_classes: int) -> ArrayRecord:
+    """The ``stats`` record of a task that asks for label counts only (``upload_counts``)."""
+    return ArrayRecord({LABEL_COUNTS: label_counts_array(labels.cpu(), num_classes)})
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from .client_models import global_model_spec
 from .config import RunConfig, resolve_run_config
 from .data import BatchTransform, label_counts, load_dataset, partitions_for
 from .errors import ConfigError, DatasetUnavailableError, FederationTooSmallError, ResumeError
+from .preflight import check_device, check_output_dir
 from .results import RunRecorder, make_run_dir
 from .strategies import build_strategy, check_strategy
 from .training import evaluate, evaluate_predictor, select_device
@@ -111,6 +112,9 @@ def run_server(grid: Grid, context: Context) -> dict:
     try:
         config = load_config(grid, context)
         resumed = resume_point(config)
+        check_device(config.device)
+        if resumed is None:
+            check_output_dir(config)
         data = load_dataset(config.dataset, config.data_path)
         partitions = partitions_for(config)
     except (ConfigError, DatasetUnavailableError, ResumeError) as err:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, resolve_run_config
+from .errors import ConfigError, ResumeError
 from .results import default_run_name
 from .strategies import check_strategy
 
@@ -191,6 +192,28 @@ def resolve_overrides(overrides: dict[str, Any]) -> RunConfig:
     return config
 
 
+def resume_overrides(run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The ``--run-config`` values that continue the run in ``run_dir``: its own
+    ``config.json``, ``resume-from`` set, and ``overrides`` on top. The checkpoint is
+    read and checked here, so a folder that cannot be resumed fails in seconds
+    (:class:`~mosaic_flwr.errors.ResumeError`)."""
+    from .server import resume_point  # pylint: disable=import-outside-toplevel
+
+    run_dir = run_dir.resolve()
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise ResumeError(f"{saved}: no such file; --resume takes a run folder that "
+                          f"mosaic-flwr wrote")
+    try:
+        values = json.loads(saved.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ResumeError(f"{saved}: not valid JSON ({err})") from None
+    values = {**values, **overrides, "resume-from": str(run_dir)}
+    values["output-dir"], values["run-name"] = str(run_dir.parent), run_dir.name
+    resume_point(resolve_overrides(values))
+    return values
+
+
 def plan_run(overrides: dict[str, Any], output_dir: Path,
              validate: bool = True) -> tuple[Path, int, dict[str, Any]]:
     """Fill in output-dir and a unique run-name; return (run folder, clients, overrides).
@@ -243,9 +266,25 @@ def simulate(overrides: dict[str, Any], *, superlink: LocalSuperLink | None = No
     log_text = "".join(lines)
     run_id = _run_id(log_text)
     status = superlink.run_status(run_id) if run_id is not None else "not-started"
-    if run_dir.is_dir():
-        (run_dir / "flwr.log").write_text(log_text, encoding="utf-8")
+    if status != "finished:completed" and not (run_dir / "summary.json").is_file():
+        # The ServerApp ended before its recorder could write (it failed early, or its
+        # process died): the folder the launcher names still says what happened.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"status": "failed", "error": _first_error(log_text) or f"run status {status}",
+             "flower_status": status, "run_dir": str(run_dir)}, indent=2), encoding="utf-8")
+    if run_dir.is_dir():  # appended: a resumed run keeps the log of its first part
+        with (run_dir / "flwr.log").open("a", encoding="utf-8") as stream:
+            stream.write(log_text)
     return SimulationOutcome(run_id, status, run_dir, log_text)
+
+
+def _first_error(log_text: str) -> str:
+    """The first ERROR line of a Flower log, without its level prefix."""
+    for line in log_text.splitlines():
+        if "ERROR" in line:
+            return line.split("ERROR", 1)[1].lstrip(" :]").strip()
+    return ""
 
 
 def _run_id(log_text: str) -> int | None:
@@ -256,7 +295,24 @@ def _run_id(log_text: str) -> int | None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs with TOML values, as ``flwr run --run-config`` reads them."""
+    """``key=value`` pairs with TOML values, as ``flwr run --run-config`` reads them; a
+    value that is not TOML is a :class:`ConfigError` naming it."""
+    import tomllib  # pylint: disable=import-outside-toplevel
+
     from flwr.common.config import parse_config_args  # pylint: disable=import-outside-toplevel
 
-    return dict(parse_config_args(items)) if items else {}
+    try:
+        return dict(parse_config_args(items)) if items else {}
+    except Exception:  # Flower's message does not say which pair is wrong: find it
+        for item in items:
+            for pair in item.split():
+                key, _, value = pair.partition("=")
+                try:
+                    tomllib.loads(f"x = {value}")
+                except tomllib.TOMLDecodeError:
+                    raise ConfigError("--run-config", pair, "the value is not TOML: quote "
+                                      f"strings ({key}='{value}'), write booleans as true/false "
+                                      "and numbers bare") from None
+        raise ConfigError("--run-config", " ".join(items),
+                          "must be space-separated key=value pairs with TOML values, e.g. "
+                          "\"dataset='digits' seed=1\"") from None

@@ -172,6 +172,11 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
         stats = task.upload_counts or task.upload_stats
         extra = frozenset(({STATS_RECORD} if stats else set())
                           | ({GENERATOR_RECORD} if task.upload_generator else set()))
+        missing = extra - set(msg.content.array_records) if not msg.has_error() else set()
+        if missing:
+            return (f"no {', '.join(sorted(missing))} record, which the round's task asked for: "
+                    f"the ClientApp does not do {type(self).__name__}'s client part (see "
+                    f"mosaic_flwr.handle_train and TrainTask)")
         model = self.reply_model(msg)
         problem = self.model_problem(model)
         if problem:

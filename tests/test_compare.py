@@ -87,3 +87,68 @@ def test_report_lists_each_distillation_round_and_checks_the_two_rules(tmp_path)
         in report
     assert "| mosaic | 0.1 | 1 | 0.5000 |  | 0.4900 | 0.4900 | 0.4700 | NO | NO | 0 of 1 |" in report
     assert "| fedavg | 0.1 | 0 |" not in report
+
+
+def test_a_stopped_comparison_run_again_keeps_finished_runs_and_continues_the_rest(
+        tmp_path, monkeypatch):
+    """The same command into the same folder: a completed run is kept, a run with a
+    checkpoint resumes from it, a run stopped before its first checkpoint is set aside
+    and run anew; a folder holding other settings is refused before anything runs."""
+    from mosaic_flwr import compare  # pylint: disable=import-outside-toplevel
+    from mosaic_flwr.checkpoint import write_checkpoint  # pylint: disable=import-outside-toplevel
+    from mosaic_flwr.simulation import resolve_overrides  # pylint: disable=import-outside-toplevel
+
+    base = {"num-server-rounds": 2, "num-clients": 4}
+    methods = [parse_method(m) for m in ("fedavg", "fedprox", "fedgen")]
+    first = compare.plan_comparison(methods, [0], [0.3], base, tmp_path)
+    assert [r.state for r in first] == ["new", "new", "new"]
+    # What a killed first invocation left: fedavg completed, fedprox after round 1's
+    # checkpoint, FedGen killed in round 1.
+    for run in first:
+        run.run_dir.mkdir(parents=True)
+        config = resolve_overrides(run.overrides).to_mapping()
+        (run.run_dir / "config.json").write_text(json.dumps(config))
+    (first[0].run_dir / "summary.json").write_text(json.dumps(
+        {"status": "completed", "final_accuracy": 0.7, "best_accuracy": 0.7,
+         "wall_seconds": 3.0}))
+    write_checkpoint(first[1].run_dir, 1, {"config": resolve_overrides(
+        first[1].overrides).to_mapping(), "recorder": {}}, keep=2)
+
+    ran: list[dict] = []
+
+    def simulate(overrides, **_):  # stands in for a real run: records what it was asked
+        ran.append(overrides)
+        run_dir = tmp_path / "runs" / overrides["run-name"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"status": "completed", "final_accuracy": 0.8, "best_accuracy": 0.8,
+             "wall_seconds": 5.0}))
+
+    class NoSuperLink:
+        def __init__(self, **_):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            pass
+
+    monkeypatch.setattr(compare, "simulate", simulate)
+    monkeypatch.setattr(compare, "LocalSuperLink", NoSuperLink)
+    again = compare.plan_comparison(methods, [0], [0.3], base, tmp_path)
+    assert [r.state for r in again] == ["completed", "resume", "restart"]
+    rows = compare.run_comparison(again, base, tmp_path)
+    assert [o["run-name"] for o in ran] == [
+        "fedprox-alpha0.3-seed0", "fedgen-alpha0.3-seed0"]
+    assert ran[0]["resume-from"] == str(first[1].run_dir)  # continued, not restarted
+    assert "resume-from" not in ran[1]
+    assert (tmp_path / "runs" / "fedgen-alpha0.3-seed0.stopped-1"
+            / "config.json").is_file()  # set aside, not deleted
+    assert [(r["method"], r["status"], r["final_accuracy"]) for r in rows] == [
+        ("fedavg", "finished:completed", 0.7), ("fedprox", "finished:completed", 0.8),
+        ("fedgen", "finished:completed", 0.8)]
+    assert "| fedavg | 0.3 | 0.7000" in (tmp_path / "comparison.md").read_text()
+
+    with pytest.raises(ValueError, match="num-server-rounds=2 there, 3 now"):
+        compare.plan_comparison(methods, [0], [0.3], {**base, "num-server-rounds": 3}, tmp_path)

@@ -7,9 +7,9 @@ exit code of `flwr run`, which is 0 even when the ServerApp raised.
 
 The runs: one seeded FedProx run on a preset through `mosaic-flwr simulate`'s
 launcher and the same run config through the README's plain `flwr run` setup
-(they must agree with each other and with the in-process run); one invalid
-config; one run with misbehaving clients; Mosaic with three architectures; and
-the `compare` command (FedAvg and FedGen).
+(they must agree with each other and with the in-process run); one run with misbehaving clients; Mosaic with three architectures, killed
+(kill -9, every process) in its distillation round and resumed; and the
+`compare` command (FedAvg and FedGen).
 """
 
 import csv
@@ -18,15 +18,17 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from deploy_harness import descendants
 from harness import run_inline
 
 from mosaic_flwr.cli import main as cli_main
 from mosaic_flwr.config import load_preset
-from mosaic_flwr.simulation import FLOWER_ENV, LocalSuperLink, free_port, simulate
+from mosaic_flwr.simulation import FLOWER_ENV, LocalSuperLink, free_port, simulate, toml_value
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,18 +200,6 @@ def test_flwr_run_gives_the_accuracies_of_the_same_config_run_in_process(seeded_
 
 
 # ---------------------------------------------------------------- runs that go wrong
-def test_invalid_config_fails_the_run_before_any_training(superlink, tmp_path):
-    """One bad value (every kind of bad value is unit-tested in test_config.py)."""
-    outcome = simulate({"dirichlet-alpha": -1.0}, superlink=superlink, output_dir=tmp_path,
-                       validate=False, num_supernodes=2)
-    assert outcome.status == "finished:failed"
-    error_lines = [l for l in outcome.log.splitlines() if "ERROR" in l]
-    # Our line comes first, before any traceback.
-    assert error_lines[0].rstrip().endswith("invalid run config: dirichlet-alpha=-1.0: must be > 0")
-    assert "[ROUND 1" not in outcome.log
-    assert not (outcome.run_dir / "metrics.jsonl").exists()
-
-
 @pytest.fixture(scope="module")
 def faulty_run(superlink, tmp_path_factory):
     """This app with its ClientApp replaced by FAULTY_CLIENT, 3 rounds, min-clients 6."""
@@ -248,11 +238,56 @@ def test_too_few_good_clients_stop_the_run_clearly_and_keep_the_results(faulty_r
 
 
 # ---------------------------------------------------------------- Mosaic, compare
-def test_mosaic_runs_its_whole_schedule_with_three_architectures_under_flwr_run(superlink,
-                                                                                tmp_path):
-    outcome = simulate(MOSAIC, superlink=superlink, output_dir=tmp_path)
-    assert outcome.completed, outcome.log[-3000:]
-    lines = metrics_lines(outcome.run_dir)
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process below it at once, as a crash of the machine
+    would end them (the SuperLink, the ServerApp, Ray and its actors)."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGSTOP)  # nothing starts anything new while we collect
+        except ProcessLookupError:
+            pass
+    pids += [pid for pid in descendants(proc.pid) if pid not in pids]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory) -> Path:
+    """MOSAIC through `mosaic-flwr simulate`, killed with everything it started (kill -9)
+    in its distillation round, then continued with `mosaic-flwr simulate --resume`."""
+    out = tmp_path_factory.mktemp("killed")
+    run_dir = out / "mosaic"
+    overrides = {**MOSAIC, "run-name": "mosaic", "server-threads": 1}
+    command = [sys.executable, "-m", "mosaic_flwr.cli", "simulate", "--output-dir", str(out),
+               "-c", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
+    log = out / "killed.log"
+    with log.open("wb") as stream:
+        proc = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "round-00001.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(3)  # round 2 is under way: the clients train their generators
+    finally:
+        kill_tree(proc)
+    assert not (run_dir / "summary.json").exists(), log.read_text()[-3000:]
+    assert [m["round"] for m in metrics_lines(run_dir)] == [1]
+    assert cli_main(["simulate", "--resume", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_mosaic_runs_its_whole_schedule_with_three_architectures_under_flwr_run(
+        killed_and_resumed):
+    run_dir = killed_and_resumed
+    log = (run_dir / "flwr.log").read_text()
+    lines = metrics_lines(run_dir)
     assert [m["phase"] for m in lines] == ["warmup", "distill", "finetune"]
     assert all(m["clients_ok"] == 10 and m["clients_failed"] == 0 for m in lines)
     distill = lines[1]  # every client, of every architecture, sent prototypes and a probe head
@@ -261,11 +296,22 @@ def test_mosaic_runs_its_whole_schedule_with_three_architectures_under_flwr_run(
     # (after one short warm-up round its test accuracy may still sit at chance).
     assert distill["accuracy"] == distill["student_accuracy_after"]
     assert distill["distill_loss_last"] < 0.9 * distill["distill_loss_first"]
-    assert "[mosaic] distillation step 20/20" in outcome.log
-    assert "[mosaic] meta model epoch 10/10" in outcome.log
-    summary = outcome.summary
+    assert "[mosaic] distillation step 20/20" in log
+    assert "[mosaic] meta model epoch 10/10" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["config"]["client-models"] == MOSAIC["client-models"]
     assert summary["final_accuracy"] > summary["initial_accuracy"]
+
+
+def test_a_killed_simulation_resumes_to_the_result_of_one_never_stopped(killed_and_resumed):
+    """kill -9 in the distillation round, then --resume: round 2 runs again (only it), and
+    every round's accuracy is the uninterrupted run's (the same config in process)."""
+    summary = json.loads((killed_and_resumed / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_rounds"] == [1]
+    assert [m["round"] for m in metrics_lines(killed_and_resumed)] == [1, 2, 3]
+    uninterrupted = run_inline(MOSAIC)
+    assert round_accuracies(summary) == uninterrupted.accuracies
+    assert (killed_and_resumed / "final_model.pt").is_file()
 
 
 def test_compare_writes_one_table_over_methods_and_seeds(tmp_path):

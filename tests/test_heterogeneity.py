@@ -202,7 +202,7 @@ def test_mosaic_combines_three_architectures_through_probe_heads():
     run = run_inline({**TINY["mosaic"], "num-server-rounds": 2, "mosaic-finetune-rounds": 0,
                       "global-model": "cnn", "client-models": FAMILIES, "mosaic-trust": True})
     assert run.reply_models() == {0: "cnn@1", 1: "cnn@1", 2: "resnet8@0.5", 3: "resnet18@0.25"}
-    stats = [m.content[STATS_RECORD] for m in run.grid.replies if STATS_RECORD in m.content]
+    stats = [m.content[STATS_RECORD] for m in run.replies_in_round(2)]
     assert len(stats) == 4 and all(PROBE_WEIGHT in s for s in stats)
     assert set(run.strategy.group_arrays) == {"resnet8@0.5", "resnet18@0.25"}
     round2 = run.sent_in_round(2)

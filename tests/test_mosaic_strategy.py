@@ -12,10 +12,13 @@ from mosaic_flwr.aggregation import average_arrays
 from mosaic_flwr.client import handle_evaluate, handle_train
 from mosaic_flwr.config import RunConfig
 from mosaic_flwr.data import client_indices, load_dataset
+from mosaic_flwr.data.datasets import DATASETS
 from mosaic_flwr.data.augment import BatchTransform
 from mosaic_flwr.errors import NotEnoughRepliesError
 from mosaic_flwr.kd.generator import ImageGenerator
 from mosaic_flwr.models import build_model
+from mosaic_flwr.mosaic.settings import MosaicSettings
+from mosaic_flwr.mosaic.strategy import MosaicStrategy
 from mosaic_flwr.mosaic.client import (PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES,
                                        extract_features)
 from mosaic_flwr.records import GENERATOR_RECORD, LABEL_COUNTS, STATS_RECORD, TASK_RECORD
@@ -171,11 +174,13 @@ def test_nothing_per_sample_leaves_a_client(mosaic):
         if STATS_RECORD not in content.array_records:
             continue
         stats = content.array_records[STATS_RECORD]
+        assert stats[LABEL_COUNTS].numpy().tolist() == np.bincount(
+            labels.numpy(), minlength=10).tolist()
+        if set(stats.keys()) == {LABEL_COUNTS}:  # round 1: the label counts alone
+            continue
         assert set(stats.keys()) == {LABEL_COUNTS, PROTOTYPES, PROTOTYPE_LABELS, PROBE_WEIGHT,
                                      PROBE_BIAS}
         assert stats[PROBE_WEIGHT].shape == (10, feature_dim)
-        assert stats[LABEL_COUNTS].numpy().tolist() == np.bincount(
-            labels.numpy(), minlength=10).tolist()
         protos = torch.from_numpy(stats[PROTOTYPES].numpy())
         proto_labels = stats[PROTOTYPE_LABELS].numpy()
         assert protos.shape[1] == feature_dim
@@ -237,6 +242,31 @@ def test_too_few_good_distillation_replies_stop_the_run():
                                                2: "nan-prototypes"}))
 
 
+def plain_client(msg: Message, context: Context) -> Message:
+    """A ClientApp that trains but ignores the task, like Flower's quickstart apps."""
+    reply = handle_train(msg, context)
+    reply.content = RecordDict({"arrays": reply.content["arrays"],
+                                "metrics": reply.content["metrics"]})
+    return reply
+
+
+def test_a_client_app_that_ignores_the_task_is_reported_in_round_one():
+    """Round 1 asks for the label counts: a ClientApp that does not follow the task is
+    found there, with the reason, not after the warm-up rounds."""
+    with pytest.raises(NotEnoughRepliesError) as err:
+        run_inline({**TINY["mosaic"], "num-server-rounds": 3}, train=plain_client)
+    assert str(err.value).startswith("round 1: only 0 usable replies")
+    assert "no stats record, which the round's task asked for: the ClientApp does not do " \
+           "MosaicStrategy's client part" in str(err.value)
+
+
+def test_settings_built_in_python_are_refused_in_python_names():
+    spec = DATASETS["digits"]
+    with pytest.raises(ValueError, match=r"^MosaicSettings\.distill_steps=-1: must be an integer >= 0$"):
+        MosaicStrategy(lambda: build_model("cnn", spec), lambda: ImageGenerator(spec, 8, 8),
+                       MosaicSettings(distill_steps=-1))
+
+
 @pytest.mark.parametrize("ablation", [
     {"mosaic-meta-model": False}, {"mosaic-generators": False},
     {"mosaic-expert-weighting": "uniform"}])
@@ -262,7 +292,7 @@ def test_ablations_run_and_say_what_they_used(ablation):
 
 def test_schedule_that_does_not_fit_is_rejected_before_round_one():
     strategy = build_strategy(RunConfig.from_mapping(TINY["mosaic"]))
-    with pytest.raises(ValueError, match="num-server-rounds=2"):
+    with pytest.raises(ValueError, match="num_rounds=2"):  # the Python argument's name
         strategy.start(grid=InlineGrid(4), initial_arrays=ArrayRecord(), num_rounds=2)
 
 

@@ -28,7 +28,10 @@ MOSAIC4 = {**TINY["mosaic"], "num-server-rounds": 4, "mosaic-warmup-rounds": 2}
 CASES = {
     "fedavg": {**TINY["fedavg"], "num-server-rounds": 3},
     "fedgen": {**TINY["fedgen"], "num-server-rounds": 3},
+    "fedrolex": {**TINY["fedrolex"], "num-server-rounds": 3},  # rolling width slices
     "mosaic": MOSAIC4,
+    # Two architectures: the ResNet-8 group's average must reach its nodes, renumbered.
+    "mosaic-groups": {**MOSAIC4, "client-models": "0-1:cnn,2-3:resnet8@0.25"},
     # The trust checks judge fine-tuning by the distillation round's clients: after a
     # restart they are found again by partition, on their new node ids.
     "mosaic-trust": {**MOSAIC4, "mosaic-trust": True, "mosaic-finetune-anchor": 1.0},
@@ -72,9 +75,11 @@ def _metrics(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("case,crash_at", [
     ("fedavg", (3, 2)),
     ("fedgen", (3, 1)),
+    ("fedrolex", (3, 2)),
     ("mosaic", (2, 3)),  # before the distillation round
     ("mosaic", (3, 4)),  # in it: while clients train their generators
     ("mosaic-trust", (4, 2)),  # after it, in the fine-tuning round its clients judge
+    ("mosaic-groups", (4, 1)),
 ])
 def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(
         case, crash_at, tmp_path, uninterrupted):
@@ -169,3 +174,4 @@ def test_checkpoints_are_written_whole_and_only_the_newest_are_kept(tmp_path):
     assert payload["round"] == 4
     save_atomic({"a": 1}, tmp_path / "x.pt")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+

@@ -159,7 +159,7 @@ class DenseStrategy(TaskStrategy):
                  local_steps: int = 0, **kwargs) -> None:
         super().__init__(model_fn, **kwargs)
         self.settings = settings or DenseSettings()
-        self.settings.validate()
+        self.settings.check()
         self.synthesis_generator_fn = generator_fn
         self.local_epochs = local_epochs
         self.local_steps = local_steps

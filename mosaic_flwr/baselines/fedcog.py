@@ -95,7 +95,7 @@ class FedCOGStrategy(TaskStrategy):
                  **kwargs) -> None:
         super().__init__(model_fn, **kwargs)
         self.settings = settings or FedCOGSettings()
-        self.settings.validate()
+        self.settings.check()
 
     @classmethod
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
@@ -129,9 +129,12 @@ class FedCOGObjective(ClientPart):
         start = time.monotonic()
         model: Classifier = setup.model
         local = setup.global_spec.build(setup.spec)
+        # The previous local model lives in the node's state: a new node, or any node after
+        # a restart of the simulation, has none and uses the received model (as in round 1).
         previous = setup.context.state.array_records.get(LOCAL_MODEL_RECORD)
         local.load_state_dict(previous.to_torch_state_dict() if previous is not None
                               else model.state_dict())
+        metrics["fedcog-previous-model"] = float(previous is not None)
         x_syn, _, targets = synthesize_complementary(
             fast_layout(model.to(setup.device)), fast_layout(local.to(setup.device)), per_class,
             (setup.spec.channels, setup.spec.image_size, setup.spec.image_size), settings,

@@ -67,7 +67,7 @@ class FedDFStrategy(TaskStrategy):
                  proxy_inputs: torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(model_fn, generator_fn=generator_fn, **kwargs)
         self.settings = settings or FedDFSettings()
-        self.settings.validate()
+        self.settings.check()
         if self.settings.inputs == "generators" and generator_fn is None:
             raise ValueError("FedDF with inputs='generators' needs generator_fn")
         if self.settings.inputs == "proxy" and (proxy_inputs is None or len(proxy_inputs) == 0):

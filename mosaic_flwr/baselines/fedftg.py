@@ -126,7 +126,7 @@ class FedFTGStrategy(TaskStrategy):
                  settings: FedFTGSettings | None = None, **kwargs) -> None:
         super().__init__(model_fn, **kwargs)
         self.settings = settings or FedFTGSettings()
-        self.settings.validate()
+        self.settings.check()
         self.generator = generator_fn().to(self.device)
         if not self.generator.num_classes:
             raise ValueError("FedFTG needs a label-conditioned generator (num_classes > 0)")

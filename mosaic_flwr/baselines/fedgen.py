@@ -114,7 +114,7 @@ class FedGenStrategy(TaskStrategy):
                  **kwargs) -> None:
         super().__init__(model_fn, **kwargs)
         self.settings = settings or FedGenSettings()
-        self.settings.validate()
+        self.settings.check()
         self.generator = build_feature_generator(self.num_classes, self.feature_dim,
                                                  self.settings).to(self.device)
         self.optimiser = torch.optim.Adam(self.generator.parameters(), lr=self.settings.generator_lr,

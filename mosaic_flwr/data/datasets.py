@@ -150,7 +150,7 @@ def _load_hub(spec: DatasetSpec):
     except Exception as err:  # the hub raises many kinds of errors when offline
         raise DatasetUnavailableError(
             f"dataset '{spec.name}' is not available: loading Hugging Face hub "
-            f"dataset '{spec.hub_id}' failed ({type(err).__name__}: {err}). "
+            f"dataset '{spec.hub_id}' failed ({type(err).__name__}: {' '.join(str(err).split())}). "
             f"{_how_to_provide(spec)}"
         ) from err
 
@@ -158,9 +158,11 @@ def _load_hub(spec: DatasetSpec):
 def _load_local(spec: DatasetSpec, path: Path):
     import datasets  # pylint: disable=import-outside-toplevel
 
-    if not path.exists():
+    if not path.is_dir() or not any(path.iterdir()):
+        what = ("is empty" if path.is_dir() else
+                "is a file, not a folder" if path.exists() else "does not exist")
         raise DatasetUnavailableError(
-            f"dataset '{spec.name}' is not available: data-path {path} does not exist. "
+            f"dataset '{spec.name}' is not available: data-path {path} {what}. "
             f"{_how_to_provide(spec)}")
     try:
         if (path / "dataset_dict.json").is_file():
@@ -174,9 +176,10 @@ def _load_local(spec: DatasetSpec, path: Path):
         else:
             splits = datasets.load_dataset("imagefolder", data_dir=str(path))
     except Exception as err:
+        reason = " ".join(str(err).split())  # one line
         raise DatasetUnavailableError(
             f"dataset '{spec.name}' is not available: reading data-path {path} failed "
-            f"({type(err).__name__}: {err}). {_how_to_provide(spec)}") from err
+            f"({type(err).__name__}: {reason}). {_how_to_provide(spec)}") from err
     missing = {"train", spec.test_split} - set(splits.keys())
     if missing:
         raise DatasetUnavailableError(

@@ -88,18 +88,23 @@ class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-
             return WARMUP
         return DISTILL if server_round == self.distill_round else FINETUNE
 
-    def schedule_problem(self, num_rounds: int) -> str:
-        """Why the schedule does not fit ``num_rounds`` rounds ('' when it fits)."""
+    def schedule_problem(self, num_rounds: int, python: bool = False) -> str:
+        """Why the schedule does not fit ``num_rounds`` rounds ('' when it fits), in
+        run-config keys, or with ``python`` in the Python names (``start(num_rounds=...)``)."""
         needed = self.warmup_rounds + 1 + max(self.finetune_rounds, 0)
         if self.finetune_rounds == -1 and needed <= num_rounds:
             return ""
         if self.finetune_rounds >= 0 and needed == num_rounds:
             return ""
         finetune = "the rest" if self.finetune_rounds == -1 else self.finetune_rounds
+        rounds, warmup, finetune_key = (("num_rounds", "warmup_rounds", "finetune_rounds")
+                                        if python else ("num-server-rounds",
+                                                        "mosaic-warmup-rounds",
+                                                        "mosaic-finetune-rounds"))
         return (f"Mosaic's schedule is {self.warmup_rounds} warm-up + 1 distillation + "
-                f"{finetune} fine-tuning rounds but num-server-rounds={num_rounds}; every Mosaic "
-                f"round counts within num-server-rounds, so set mosaic-warmup-rounds <= "
-                f"{num_rounds - 1} and mosaic-finetune-rounds to the rest (or -1)")
+                f"{finetune} fine-tuning rounds but {rounds}={num_rounds}; every Mosaic "
+                f"round counts within {rounds}, so set {warmup} <= "
+                f"{num_rounds - 1} and {finetune_key} to the rest (or -1)")
 
     def check_run(self, config: Any) -> None:
         """The schedule must fit the run's ``num-server-rounds``."""

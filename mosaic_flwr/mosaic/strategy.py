@@ -100,7 +100,7 @@ class MosaicStrategy(TaskStrategy):
                  settings: MosaicSettings | None = None, **kwargs) -> None:
         super().__init__(model_fn, generator_fn=generator_fn, **kwargs)
         self.settings = settings or MosaicSettings()
-        self.settings.validate()
+        self.settings.check()
         # Where the distillation round's federated check sends its evaluate messages
         # (set by start() and configure_train()).
         self._grid: Grid | None = None
@@ -154,7 +154,7 @@ class MosaicStrategy(TaskStrategy):
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               first_round: int = 1) -> Result:
         """Check that the schedule fits ``num_rounds``, then run Flower's round loop."""
-        problem = self.settings.schedule_problem(num_rounds)
+        problem = self.settings.schedule_problem(num_rounds, python=True)
         if problem:
             raise ValueError(problem)
         self._evaluate_config = evaluate_config or ConfigRecord()
@@ -187,6 +187,9 @@ class MosaicStrategy(TaskStrategy):
             phase=phase,
             learning_rate_scale=self.settings.finetune_lr_scale if finetune else 1.0,
             objective="mosaic-anchor" if anchor else "",
+            # Label counts in round 1 cost nothing and show at once whether the ClientApp
+            # follows the task (one that does not is told in round 1, not after warm-up).
+            upload_counts=server_round == 1 and not distill,
             upload_stats=distill,
             upload_generator=distill and self.settings.generators,
             settings=self.settings.to_mapping() if distill or anchor else {})
