@@ -221,7 +221,14 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
         arrays, metrics = self.average(usable)
         stats = self.round_stats[server_round]
         stats["phase"] = self.task_for(server_round).phase
-        arrays, step_stats = self.server_step(server_round, [self.decode(m) for m in usable], arrays)
+        # The step's draws from the global torch RNG (model and meta-model initialisations)
+        # follow from the seed and the round alone, not from what the process did before:
+        # a resumed run, whose process did not run the earlier rounds, draws the same.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 1_000_003 + server_round)
+            arrays, step_stats = self.server_step(server_round, [self.decode(m) for m in usable],
+                                                  arrays)
         stats.update(step_stats)
         return arrays, metrics
 

@@ -311,6 +311,8 @@ def test_a_killed_simulation_resumes_to_the_result_of_one_never_stopped(killed_a
     assert [m["round"] for m in metrics_lines(killed_and_resumed)] == [1, 2, 3]
     uninterrupted = run_inline(MOSAIC)
     assert round_accuracies(summary) == uninterrupted.accuracies
+    assert [r["loss"] for r in summary["rounds"]] == [  # finer than accuracy near chance
+        uninterrupted.result.evaluate_metrics_serverapp[r]["loss"] for r in (1, 2, 3)]
     assert (killed_and_resumed / "final_model.pt").is_file()
 
 
