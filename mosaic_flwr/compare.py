@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .results import run_status
 from .simulation import LocalSuperLink, parse_overrides, resolve_overrides, simulate
 
 #: Named methods: run-config overrides that define each one.
@@ -140,9 +141,7 @@ def plan_comparison(methods: list[Method], seeds: list[int], alphas: list[float 
 
 def _state_on_disk(run_dir: Path) -> str:
     """What to do with a run folder an earlier invocation left (see :class:`PlannedRun`)."""
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get(
-            "status") == "completed":
+    if run_status(run_dir) == "completed":
         return "completed"
     return "resume" if list((run_dir / "checkpoints").glob("round-*.pt")) else "restart"
 

@@ -42,6 +42,15 @@ def make_run_dir(config: RunConfig) -> Path:
     return run_dir
 
 
+def run_status(run_dir: Path) -> str:
+    """The ``status`` a run folder's ``summary.json`` records (``completed``, ``failed``),
+    or ``""`` when it has none yet (the run is going on, or was killed)."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return ""
+    return str(json.loads(summary.read_text(encoding="utf-8")).get("status", ""))
+
+
 class Callback:
     """Something that reacts to finished rounds and to the end of the run."""
 

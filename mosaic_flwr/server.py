@@ -10,7 +10,6 @@ from its newest one (:mod:`mosaic_flwr.checkpoint`).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -30,7 +29,7 @@ from .config import RunConfig, resolve_run_config
 from .data import BatchTransform, label_counts, load_dataset, partitions_for
 from .errors import ConfigError, DatasetUnavailableError, FederationTooSmallError, ResumeError
 from .preflight import check_device, check_output_dir
-from .results import RunRecorder, make_run_dir
+from .results import RunRecorder, make_run_dir, run_status
 from .strategies import build_strategy, check_strategy
 from .training import evaluate, evaluate_predictor, select_device
 
@@ -152,8 +151,11 @@ def run_server(grid: Grid, context: Context) -> dict:
             stats = getattr(strategy, "round_stats", {}).get(server_round, {})
             recorder.on_round_end(server_round, accuracy, loss, **stats)
             if config.checkpoint_keep:
-                write_checkpoint(recorder.run_dir, server_round, checkpoint_payload(
+                began = time.monotonic()
+                path = write_checkpoint(recorder.run_dir, server_round, checkpoint_payload(
                     config, strategy, arrays, recorder), config.checkpoint_keep)
+                log(INFO, "checkpoint %s: %.2f MB in %.2f s", path,
+                    path.stat().st_size / 1e6, time.monotonic() - began)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     recorder.setup_seconds = time.monotonic() - start
@@ -185,10 +187,9 @@ def resume_point(config: RunConfig) -> dict[str, Any] | None:
     if not config.resume_from:
         return None
     run_dir = Path(config.resume_from)
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get(
-            "status") == "completed":
-        raise ResumeError(f"{summary}: the run completed; there is nothing to resume")
+    if run_status(run_dir) == "completed":
+        raise ResumeError(f"{run_dir / 'summary.json'}: the run completed; there is nothing "
+                          f"to resume")
     path = latest_checkpoint(run_dir)
     payload = load_checkpoint(path, config.to_mapping())
     payload["path"] = str(path)

@@ -79,9 +79,11 @@ def federation(tmp_path_factory):
 
 @dataclass
 class MosaicRun:
-    """The deployed Mosaic run, and what was recorded when SuperNode 2 was killed."""
+    """The deployed Mosaic run: stopped after its distillation round, resumed, and what was
+    recorded when SuperNode 2 was killed."""
 
-    outcome: RunOutcome
+    stopped: RunOutcome  # the first ServerApp, stopped with `flwr stop` after round 2
+    outcome: RunOutcome  # the resumed run, to the end
     run_dir: Path
     before_kill: list[dict]
     nodes: list[dict]  # `flwr supernode ls` before the run
@@ -91,30 +93,61 @@ class MosaicRun:
         """The registered SuperNodes' ids."""
         return {n["node-id"] for n in self.nodes}
 
+    @property
+    def run_ids(self) -> set[int]:
+        """The Flower runs of the two ServerApps."""
+        return {int(self.stopped.run_id), int(self.outcome.run_id)}
+
+
+def _wait_for(condition, run: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+
 
 @pytest.fixture(scope="module")
 def mosaic_run(federation) -> MosaicRun:
     """One short Mosaic run on the three registered SuperNodes (after the intruder was
-    refused). Once the distillation round is recorded, SuperNode 2 and its ClientApp are
-    killed (a machine that died): the fine-tuning round goes on with the other two."""
+    refused). Once the distillation round is checkpointed, its ServerApp is stopped
+    (`flwr stop`) and the run resumed (resume-from) with the SuperNodes still up; once the
+    resumed run has begun the fine-tuning round, SuperNode 2 and its ClientApp are killed
+    (a machine that died): the round goes on with the other two."""
     fed = federation
     run_dir = fed.base / "results" / "mosaic"
-    log = fed.base / "mosaic.log"
+    config = {**SHORT_MOSAIC, "output-dir": str(run_dir.parent), "run-name": "mosaic"}
     nodes = fed.supernodes()
-    run = fed.start_run({**SHORT_MOSAIC, "output-dir": str(run_dir.parent),
-                         "run-name": "mosaic"}, log)
+    log, resumed_log = fed.base / "mosaic.log", fed.base / "mosaic-resumed.log"
+    run = fed.start_run(config, log)
     try:
-        deadline = time.monotonic() + 300
-        while len(metrics_lines(run_dir)) < 2 and time.monotonic() < deadline:
-            assert run.poll() is None, log.read_text()[-4000:]
-            time.sleep(0.2)
+        _wait_for(lambda: (run_dir / "checkpoints" / "round-00002.pt").exists(), run, log)
         before = metrics_lines(run_dir)
         assert [m["round"] for m in before] == [1, 2], log.read_text()[-4000:]
-        fed.kill_node("supernode-2")  # round 3 (fine-tuning) has begun
-        outcome = fed.finish_run(run, log)
+        run_id = next(line.rsplit(" ", 1)[-1] for line in log.read_text().splitlines()
+                      if "Successfully started run" in line)
+        stop = fed.flwr("stop", run_id, fed.connection)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        stopped = fed.finish_run(run, log)
     finally:
         terminate(run)
-    return MosaicRun(outcome, run_dir, before, nodes)
+    run = fed.start_run({**config, "resume-from": str(run_dir)}, resumed_log)
+    try:
+        _wait_for(lambda: "[ROUND 3/3]" in resumed_log.read_text(errors="replace"), run,
+                  resumed_log)
+        fed.kill_node("supernode-2")  # the resumed run's fine-tuning round has begun
+        outcome = fed.finish_run(run, resumed_log)
+    finally:
+        terminate(run)
+    return MosaicRun(stopped, outcome, run_dir, before, nodes)
+
+
+def test_a_stopped_serverapp_resumes_with_the_supernodes_still_up(mosaic_run):
+    assert mosaic_run.stopped.status == "finished:stopped", mosaic_run.stopped.log[-4000:]
+    assert mosaic_run.outcome.completed, mosaic_run.outcome.log[-4000:]
+    summary = json.loads((mosaic_run.run_dir / "summary.json").read_text())
+    assert summary["resumed_from_rounds"] == [2]
+    assert [m["round"] for m in metrics_lines(mosaic_run.run_dir)] == [1, 2, 3]
+    assert "Resuming" in mosaic_run.outcome.log and "[ROUND 1/3]" not in mosaic_run.outcome.log
 
 
 def test_mosaic_runs_over_tls_with_supernode_authentication(federation, mosaic_run):
@@ -141,9 +174,12 @@ def test_mosaic_runs_over_tls_with_supernode_authentication(federation, mosaic_r
     # Each node logged what it answered, in its own folder; node 2 used its own data.
     for pid, name in enumerate(NODES):
         records = [r for r in node_log(federation, name, pid)
-                   if r["run-id"] == int(outcome.run_id)]
-        rounds = [r["server-round"] for r in records if r["message"] == "train"]
-        assert rounds == ([1, 2] if name == "supernode-2" else [1, 2, 3])
+                   if r["run-id"] in mosaic_run.run_ids]
+        trained = {run_id: {r["server-round"] for r in records
+                            if r["message"] == "train" and r["run-id"] == int(run_id)}
+                   for run_id in (mosaic_run.stopped.run_id, outcome.run_id)}
+        assert {1, 2} <= trained[mosaic_run.stopped.run_id]  # (round 3 may have begun)
+        assert trained[outcome.run_id] == (set() if name == "supernode-2" else {3})
         sizes = {r["num-examples"] for r in records}
         if name == "supernode-2":
             assert sizes == {federation.own_data_size}
@@ -252,7 +288,7 @@ def node_ids_logged(federation: Federation, name: str) -> list[int]:
 
 def test_a_killed_supernode_restarted_with_its_key_rejoins_under_the_same_id(
         federation, mosaic_run):
-    """Runs last: the SuperLink takes a node for dead only after two missed 30 s heartbeats,
+    """Runs after the Mosaic run's tests: the SuperLink takes a node for dead only after two missed 30 s heartbeats,
     and refuses the same key while the old node still counts as online."""
     [node_id] = node_ids_logged(federation, "supernode-2")
     deadline = time.monotonic() + 120
@@ -270,3 +306,4 @@ def test_a_killed_supernode_restarted_with_its_key_rejoins_under_the_same_id(
     assert node_ids_logged(federation, "supernode-2") == [node_id, node_id]
     nodes = federation.wait_online(3)
     assert {n["node-id"] for n in nodes if n["status"] == "online"} == mosaic_run.node_ids
+
