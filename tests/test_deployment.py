@@ -29,10 +29,10 @@ pytestmark = pytest.mark.deployment
 #: fine-tuning round 3; small enough for a 2-core CI machine. A round that waits for a
 #: node that died ends when the SuperLink takes the node for dead (two missed 30 s
 #: heartbeats: 30 to 60 s after it died) or after round-timeout seconds; a normal round
-#: takes about 20 s on 2 cores (each node starts a ClientApp process for every message).
+#: takes about 17 s on 2 cores (each node starts a ClientApp process for every message).
 SHORT_MOSAIC = {"num-clients": 3, "min-clients": 2, "num-server-rounds": 3, "local-epochs": 1,
                 "strategy": "mosaic", "mosaic-warmup-rounds": 1, "mosaic-generator-steps": 5,
-                "mosaic-meta-epochs": 2, "mosaic-distill-steps": 5, "round-timeout": 60.0}
+                "mosaic-meta-epochs": 2, "mosaic-distill-steps": 5, "round-timeout": 40.0}
 NODES = ["supernode-0", "supernode-1", "supernode-2"]
 
 
@@ -288,8 +288,8 @@ def node_ids_logged(federation: Federation, name: str) -> list[int]:
 
 def test_a_killed_supernode_restarted_with_its_key_rejoins_under_the_same_id(
         federation, mosaic_run):
-    """Runs after the Mosaic run's tests: the SuperLink takes a node for dead only after two missed 30 s heartbeats,
-    and refuses the same key while the old node still counts as online."""
+    """Runs last: the SuperLink takes a node for dead only after two missed 30 s
+    heartbeats, and refuses the same key while the old node still counts as online."""
     [node_id] = node_ids_logged(federation, "supernode-2")
     deadline = time.monotonic() + 120
     while any(n["node-id"] == node_id and n["status"] == "online"
