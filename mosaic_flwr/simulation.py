@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -280,10 +281,10 @@ def simulate(overrides: dict[str, Any], *, superlink: LocalSuperLink | None = No
 
 
 def _first_error(log_text: str) -> str:
-    """The first ERROR line of a Flower log, without its level prefix."""
+    """The first ERROR line of a Flower log, without its level prefix and colours."""
     for line in log_text.splitlines():
         if "ERROR" in line:
-            return line.split("ERROR", 1)[1].lstrip(" :]").strip()
+            return re.sub(r"\x1b\[[0-9;]*m", "", line.split("ERROR", 1)[1]).lstrip(" :").strip()
     return ""
 
 

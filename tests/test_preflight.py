@@ -77,3 +77,43 @@ def test_an_invalid_config_fails_the_serverapp_before_anything_is_written(tmp_pa
     assert errors == ["invalid run config: dirichlet-alpha=-1.0: must be > 0"]
     assert not any("[ROUND" in r.getMessage() for r in caplog.records)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_that_fails_before_its_results_folder_still_leaves_summary_json(
+        tmp_path, monkeypatch):
+    """The ServerApp may fail before it writes anything (plain `flwr run` semantics, a
+    crash): the launcher still leaves summary.json, status failed and the error, in the
+    folder it names."""
+    log = ["Successfully started run 7\n",
+           "\x1b[91mERROR \x1b[0m:   invalid run config: dirichlet-alpha=-1.0: must be > 0\n",
+           "Traceback (most recent call last):\n"]
+
+    class FakeFlwrRun:  # stands in for the `flwr run --stream` process
+        def __init__(self, *_, **__):
+            self.stdout = iter(log)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            pass
+
+        def wait(self):
+            return 0
+
+    class FakeSuperLink:
+        env: dict = {}
+
+        @staticmethod
+        def run_status(run_id):
+            assert run_id == 7
+            return "finished:failed"
+
+    monkeypatch.setattr(simulation.subprocess, "Popen", FakeFlwrRun)
+    outcome = simulation.simulate({"dirichlet-alpha": -1.0}, superlink=FakeSuperLink(),
+                                  output_dir=tmp_path, validate=False)
+    assert outcome.status == "finished:failed" and outcome.run_dir.is_dir()
+    summary = outcome.summary
+    assert summary["status"] == "failed" and summary["flower_status"] == "finished:failed"
+    assert summary["error"] == "invalid run config: dirichlet-alpha=-1.0: must be > 0"
+    assert (outcome.run_dir / "flwr.log").read_text() == "".join(log)
