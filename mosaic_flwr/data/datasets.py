@@ -156,14 +156,14 @@ def _load_hub(spec: DatasetSpec):
 
 
 def _load_local(spec: DatasetSpec, path: Path):
-    import datasets  # pylint: disable=import-outside-toplevel
-
     if not path.is_dir() or not any(path.iterdir()):
         what = ("is empty" if path.is_dir() else
                 "is a file, not a folder" if path.exists() else "does not exist")
         raise DatasetUnavailableError(
             f"dataset '{spec.name}' is not available: data-path {path} {what}. "
             f"{_how_to_provide(spec)}")
+    import datasets  # pylint: disable=import-outside-toplevel (slow: only for a real folder)
+
     try:
         if (path / "dataset_dict.json").is_file():
             splits = datasets.load_from_disk(str(path))
@@ -229,7 +229,8 @@ def _pixels_to_array(array: np.ndarray, spec: DatasetSpec, batched: bool) -> np.
         shape = array.shape[1:] if batched else array.shape
         raise DatasetUnavailableError(
             f"dataset '{spec.name}': an image has shape {shape}, expected "
-            f"{(spec.image_size, spec.image_size, spec.channels)} (H, W, C)")
+            f"{(spec.image_size, spec.image_size, spec.channels)} (H, W, C); data-path must "
+            f"hold images of the size and channels of dataset '{spec.name}'")
     if array.dtype != np.uint8:  # pixel values 0..255 in another type
         if array.dtype.kind == "f":
             array = np.rint(array)
