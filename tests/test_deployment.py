@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy_harness import DEPLOY, Federation, RunOutcome, free_port, terminate
+from deploy_harness import DEPLOY, Federation, RunOutcome, descendants, free_port, terminate
 
 pytestmark = pytest.mark.deployment
 
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.deployment
 #: node that died ends when the SuperLink takes the node for dead (two missed 30 s
 #: heartbeats: 30 to 60 s after it died) or after round-timeout seconds; a normal round
 #: takes about 17 s on 2 cores (each node starts a ClientApp process for every message).
+#: The run resumes only once no node still runs a ClientApp for the stopped run.
 SHORT_MOSAIC = {"num-clients": 3, "min-clients": 2, "num-server-rounds": 3, "local-epochs": 1,
                 "strategy": "mosaic", "mosaic-warmup-rounds": 1, "mosaic-generator-steps": 5,
                 "mosaic-meta-epochs": 2, "mosaic-distill-steps": 5, "round-timeout": 40.0,
@@ -109,6 +110,18 @@ def _wait_for(condition, run: subprocess.Popen, log: Path, timeout: float = 300)
         time.sleep(0.2)
 
 
+def _clientapps_running(fed: Federation) -> bool:
+    """Whether some SuperNode is running a ClientApp process right now."""
+    for name in NODES:
+        for pid in descendants(fed.nodes[name].pid):
+            try:
+                if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 @pytest.fixture(scope="module")
 def mosaic_run(federation) -> MosaicRun:
     """One short Mosaic run on the three registered SuperNodes (after the intruder was
@@ -133,6 +146,12 @@ def mosaic_run(federation) -> MosaicRun:
         stopped = fed.finish_run(run, log)
     finally:
         terminate(run)
+    # The stopped ServerApp had begun round 3, and a node's ClientApp for it can linger;
+    # a resumed round whose message waits behind it can miss its timeout (seen once in
+    # CI with 40 s): give the nodes up to 30 s to finish or drop it first.
+    deadline = time.monotonic() + 30
+    while _clientapps_running(fed) and time.monotonic() < deadline:
+        time.sleep(0.5)
     run = fed.start_run({**config, "resume-from": str(run_dir)}, resumed_log)
     try:
         _wait_for(lambda: "[ROUND 3/3]" in resumed_log.read_text(errors="replace"), run,
