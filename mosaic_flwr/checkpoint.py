@@ -58,6 +58,11 @@ def checkpoint_path(run_dir: Path, server_round: int) -> Path:
     return run_dir / CHECKPOINT_DIR / f"round-{server_round:05d}.pt"
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """A run folder's checkpoints, oldest first (empty when it has none)."""
+    return sorted((run_dir / CHECKPOINT_DIR).glob("round-*.pt"))
+
+
 def save_atomic(payload: Any, path: Path) -> None:
     """``torch.save`` to ``path`` through a temporary file in the same folder, flushed to
     disk and renamed: readers see the old file or the complete new one."""
@@ -89,7 +94,7 @@ def write_checkpoint(run_dir: Path, server_round: int, payload: dict[str, Any], 
     path = checkpoint_path(run_dir, server_round)
     save_atomic({"format": FORMAT, "code_version": __version__, "round": server_round,
                  **payload}, path)
-    for old in sorted((run_dir / CHECKPOINT_DIR).glob("round-*.pt"))[:-keep]:
+    for old in checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
 
@@ -98,7 +103,7 @@ def latest_checkpoint(run_dir: Path) -> Path:
     """The newest complete checkpoint of a run folder, or :class:`ResumeError`."""
     if not run_dir.is_dir():
         raise ResumeError(f"{run_dir}: no such run folder")
-    found = sorted((run_dir / CHECKPOINT_DIR).glob("round-*.pt"))
+    found = checkpoints(run_dir)
     if not found:
         raise ResumeError(f"{run_dir / CHECKPOINT_DIR}: no checkpoint to resume from (the run "
                           f"wrote none: it stopped before its first round ended, or "

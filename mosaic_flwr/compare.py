@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .results import run_status
+from .results import read_summary, run_status
 from .simulation import LocalSuperLink, parse_overrides, resolve_overrides, simulate
 
 #: Named methods: run-config overrides that define each one.
@@ -141,9 +141,11 @@ def plan_comparison(methods: list[Method], seeds: list[int], alphas: list[float 
 
 def _state_on_disk(run_dir: Path) -> str:
     """What to do with a run folder an earlier invocation left (see :class:`PlannedRun`)."""
+    from .checkpoint import checkpoints  # pylint: disable=import-outside-toplevel
+
     if run_status(run_dir) == "completed":
         return "completed"
-    return "resume" if list((run_dir / "checkpoints").glob("round-*.pt")) else "restart"
+    return "resume" if checkpoints(run_dir) else "restart"
 
 
 def run_comparison(plan: list[PlannedRun], base: dict[str, Any], output_dir: Path,
@@ -200,9 +202,7 @@ def _set_aside(run_dir: Path) -> Path:
 
 def _row(run: PlannedRun) -> dict[str, Any]:
     """The report's row of a run, from its ``summary.json``."""
-    summary_path = run.run_dir / "summary.json"
-    summary = (json.loads(summary_path.read_text(encoding="utf-8"))
-               if summary_path.is_file() else {})
+    summary = read_summary(run.run_dir)
     status = {"completed": "finished:completed", "failed": "finished:failed"}.get(
         summary.get("status", ""), "not-finished")
     done = status == "finished:completed"

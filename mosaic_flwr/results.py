@@ -42,13 +42,17 @@ def make_run_dir(config: RunConfig) -> Path:
     return run_dir
 
 
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run folder's ``summary.json``, or ``{}`` when it has none yet (the run is going
+    on, or was killed)."""
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+
+
 def run_status(run_dir: Path) -> str:
     """The ``status`` a run folder's ``summary.json`` records (``completed``, ``failed``),
-    or ``""`` when it has none yet (the run is going on, or was killed)."""
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        return ""
-    return str(json.loads(summary.read_text(encoding="utf-8")).get("status", ""))
+    or ``""`` when it has none yet."""
+    return str(read_summary(run_dir).get("status", ""))
 
 
 class Callback:

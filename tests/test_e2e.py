@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from deploy_harness import descendants
+from deploy_harness import terminate
 from harness import run_inline
 
 from mosaic_flwr.cli import main as cli_main
@@ -236,24 +236,6 @@ def test_too_few_good_clients_stop_the_run_clearly_and_keep_the_results(faulty_r
 
 
 # ---------------------------------------------------------------- Mosaic, compare
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL ``proc`` and every process below it at once, as a crash of the machine
-    would end them (the SuperLink, the ServerApp, Ray and its actors)."""
-    pids = [proc.pid, *descendants(proc.pid)]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGSTOP)  # nothing starts anything new while we collect
-        except ProcessLookupError:
-            pass
-    pids += [pid for pid in descendants(proc.pid) if pid not in pids]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory) -> Path:
     """MOSAIC through `mosaic-flwr simulate`, killed with everything it started (kill -9)
@@ -273,8 +255,8 @@ def killed_and_resumed(tmp_path_factory) -> Path:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         time.sleep(1)  # round 2 is under way: the clients train their generators
-    finally:
-        kill_tree(proc)
+    finally:  # SIGKILL to it and every process below it, as a crash of the machine would
+        terminate(proc, signal.SIGKILL, wait=30)
     assert not (run_dir / "summary.json").exists(), log.read_text()[-3000:]
     assert [m["round"] for m in metrics_lines(run_dir)] == [1]
     assert cli_main(["simulate", "--resume", str(run_dir)]) == 0
