@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetUnavailableError
+from .cache import cached_arrays, entry_key, folder_signature
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,18 @@ def load_dataset(name: str, data_path: str = "") -> ImageData:
     if name == "digits" and not data_path:
         return _load_digits(spec)
     if data_path:
-        splits = _load_local(spec, Path(data_path).expanduser())
+        path = _checked_folder(spec, Path(data_path).expanduser().resolve())
+        source: tuple = (str(path), folder_signature(path))
     else:
-        splits = _load_hub(spec)
-    return ImageData(spec, *_to_arrays(spec, splits["train"]), *_to_arrays(spec, splits["test"]))
+        path, source = None, (spec.hub_id, spec.hub_config)
+
+    def decode() -> tuple[np.ndarray, ...]:
+        splits = _load_local(spec, path) if path is not None else _load_hub(spec)
+        return (*_to_arrays(spec, splits["train"]), *_to_arrays(spec, splits["test"]))
+
+    # Decoded once per machine (mosaic_flwr.data.cache): the ServerApp and every Ray
+    # actor of every run after the first map the same uint8 arrays.
+    return ImageData(spec, *cached_arrays(name, entry_key(spec, source), decode))
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -155,13 +164,18 @@ def _load_hub(spec: DatasetSpec):
         ) from err
 
 
-def _load_local(spec: DatasetSpec, path: Path):
+def _checked_folder(spec: DatasetSpec, path: Path) -> Path:
+    """``path`` when it is a folder with something in it, else a clear error."""
     if not path.is_dir() or not any(path.iterdir()):
         what = ("is empty" if path.is_dir() else
                 "is a file, not a folder" if path.exists() else "does not exist")
         raise DatasetUnavailableError(
             f"dataset '{spec.name}' is not available: data-path {path} {what}. "
             f"{_how_to_provide(spec)}")
+    return path
+
+
+def _load_local(spec: DatasetSpec, path: Path):
     import datasets  # pylint: disable=import-outside-toplevel (slow: only for a real folder)
 
     try:

@@ -11,12 +11,12 @@ import hashlib
 import os
 import warnings
 from importlib import metadata
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..errors import ConfigError
+from .cache import cache_dir
 
 #: Redraws allowed before a Dirichlet split that leaves a client too small gives up.
 MAX_DIRICHLET_DRAWS = 1000
@@ -26,15 +26,6 @@ def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
     """Shuffle and cut into near-equal shares."""
     order = np.random.default_rng(seed).permutation(len(labels))
     return [np.sort(part) for part in np.array_split(order, num_clients)]
-
-
-def cache_dir() -> Path:
-    """Where computed partitions are kept between processes: ``$MOSAIC_FLWR_CACHE``, else
-    ``$XDG_CACHE_HOME/mosaic-flwr``, else ``~/.cache/mosaic-flwr``."""
-    if os.environ.get("MOSAIC_FLWR_CACHE"):
-        return Path(os.environ["MOSAIC_FLWR_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mosaic-flwr"
 
 
 def dirichlet(labels: np.ndarray, num_clients: int, seed: int, alpha: float,
