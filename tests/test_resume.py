@@ -33,8 +33,10 @@ CASES = {
     # The trust checks judge fine-tuning by the distillation round's clients: after a
     # restart they are found again by partition, on their new node ids. Two architectures:
     # the ResNet-8 group's average must reach its nodes, renumbered.
+    # A distillation learning rate too small to change a prediction: the clients score the
+    # distilled student as the one before, so it is kept and fine-tuning is checked.
     "mosaic-trust": {**MOSAIC4, "mosaic-trust": True, "mosaic-finetune-anchor": 1.0,
-                     "client-models": "0-1:cnn,2-3:resnet8@0.25"},
+                     "client-models": "0-1:cnn,2-3:resnet8@0.25", "mosaic-distill-lr": 1e-9},
 }
 assert not MOSAIC["mosaic-trust"]
 
@@ -98,6 +100,7 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(
     assert final.keys() == final_whole.keys()
     assert all(torch.equal(final[k], final_whole[k]) for k in final)
     if case == "mosaic-trust":  # the fine-tuning check asked the same clients, same verdict
+        assert got[-2]["distilled"] == 1.0
         for key in ("federated_check_clients", "finetune_kept", "federated_accuracy_average"):
             assert got[-1][key] == expected[-1][key]
         assert got[-1]["federated_check_clients"] == 4

@@ -112,6 +112,10 @@ class MosaicStrategy(TaskStrategy):
         #: The node each partition last replied from (a node id is not kept across a
         #: restart of the simulation or of a SuperNode; a partition is).
         self._node_of: dict[int, int] = {}
+        #: Whether the distillation round kept the distilled student (None before that
+        #: round): when its trust check discarded it there is no distilled gain to
+        #: protect, and the fine-tuning rounds run as plain FedAvg rounds.
+        self._distilled: bool | None = None
         with torch.no_grad():
             self.input_shape = tuple(generator_fn().eval().sample(1).shape[1:])
 
@@ -125,13 +129,15 @@ class MosaicStrategy(TaskStrategy):
                    **server_options(config, score_fn), **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base state plus the partitions that judge the fine-tuning checks."""
-        return {**super().state_dict(), "judges": list(self._judges)}
+        """The base state plus the partitions that judge the fine-tuning checks and
+        whether the distilled student was kept."""
+        return {**super().state_dict(), "judges": list(self._judges), "distilled": self._distilled}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`; nodes are learned again from the next replies."""
         super().load_state_dict(state)
         self._judges = list(state["judges"])
+        self._distilled = state["distilled"]
 
     # ------------------------------------------------------------------ Flower API
     def summary(self) -> None:
@@ -179,12 +185,14 @@ class MosaicStrategy(TaskStrategy):
             self.fraction_train = fraction
 
     def task_for(self, server_round: int) -> TrainTask:
-        """What clients are asked to do in a round."""
+        """What clients are asked to do in a round (after a discarded distillation, the
+        fine-tuning rounds are FedAvg rounds: full learning rate, no anchor)."""
         phase = self.settings.phase(server_round)
-        distill, finetune = phase == DISTILL, phase == FINETUNE
+        distill = phase == DISTILL
+        finetune = phase == FINETUNE and self._distilled is not False
         anchor = finetune and self.settings.finetune_anchor > 0
         return TrainTask(
-            phase=phase,
+            phase="train" if phase == FINETUNE and not finetune else phase,
             learning_rate_scale=self.settings.finetune_lr_scale if finetune else 1.0,
             objective="mosaic-anchor" if anchor else "",
             # Label counts in round 1 cost nothing and show at once whether the ClientApp
@@ -202,7 +210,7 @@ class MosaicStrategy(TaskStrategy):
         phase = self.settings.phase(server_round)
         if phase == DISTILL:
             return self.distill_round(uploads, arrays, server_round)
-        if phase == FINETUNE and self.settings.trust:
+        if phase == FINETUNE and self.settings.trust and self._distilled is not False:
             return self.finetune_check(server_round, uploads, arrays)
         return arrays, {}
 
@@ -300,6 +308,8 @@ class MosaicStrategy(TaskStrategy):
             if not keep:
                 student.load_state_dict(global_arrays.to_torch_state_dict())
                 stats["distilled"] = 0.0
+                verdict += "; the fine-tuning rounds run as FedAvg rounds"
+        self._distilled = bool(stats["distilled"])
         if self.score_fn is not None:
             student.eval()
             stats["student_accuracy_after"] = self.score_fn(student)
