@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from ..data.augment import BatchTransform
 from ..data.datasets import DatasetSpec
-from ..training import fast_layout
+from ..training import FrozenForward, fast_layout
 from .settings import GeneratorSettings
 
 
@@ -221,18 +221,21 @@ class GeneratorReport:
 
 def train_generator(generator: ImageGenerator, classifier: nn.Module, images: torch.Tensor,
                     transform: BatchTransform, settings: GeneratorSettings,
-                    device: torch.device, rng: torch.Generator) -> GeneratorReport:
+                    device: torch.device, rng: torch.Generator, amp: bool = True,
+                    cpu_bf16: bool = False) -> GeneratorReport:
     """Train ``generator`` on local ``images`` (uint8 or [0, 1]) against a frozen ``classifier``.
 
     Each step draws one generated batch and uses it twice: detached for the
-    discriminator's step, then for the generator's (the DCGAN recipe). It trains
-    in float32 (on the CPU a bfloat16 generator lowered the distilled student,
-    ``docs/results/speed.md``); loss values stay on the device until the end.
+    discriminator's step, then for the generator's (the DCGAN recipe). The
+    generator and the discriminator train in float32; the frozen classifier's
+    pass runs under ``amp`` (CUDA) or ``cpu_bf16`` (:class:`FrozenForward`).
+    Loss values stay on the device until the end.
     """
-    frozen = fast_layout(copy.deepcopy(classifier).to(device)).eval()
-    frozen.requires_grad_(False)
+    classifier = fast_layout(copy.deepcopy(classifier).to(device)).eval()
+    classifier.requires_grad_(False)
     use_inversion = len(images) < settings.inversion_max_samples and settings.inversion_weight > 0
-    bn_stats = BatchNormStatistics(frozen) if use_inversion else None
+    bn_stats = BatchNormStatistics(classifier) if use_inversion else None
+    frozen = FrozenForward(classifier, device, amp, cpu_bf16)
     use_inversion = bool(bn_stats is not None and bn_stats.active)
     weights = GeneratorWeights(settings.adversarial_weight, settings.entropy_weight,
                                settings.diversity_weight,

@@ -23,10 +23,14 @@ from .settings import GeneratorSettings
 
 def client_generator(classifier: nn.Module, images: torch.Tensor, transform: BatchTransform,
                      spec: DatasetSpec, settings: GeneratorSettings, device: torch.device,
-                     rng: torch.Generator) -> tuple[ArrayRecord, GeneratorReport]:
-    """Train this client's generator against its (trained) classifier; its weights and report."""
+                     rng: torch.Generator, amp: bool = True, cpu_bf16: bool = False
+                     ) -> tuple[ArrayRecord, GeneratorReport]:
+    """Train this client's generator against its (trained) classifier; its weights and report
+    (``amp``/``cpu_bf16``: the precision of the frozen classifier's pass, as in
+    :func:`~mosaic_flwr.kd.generator.train_generator`)."""
     generator = build_generator(spec, settings)
-    report = train_generator(generator, classifier, images, transform, settings, device, rng)
+    report = train_generator(generator, classifier, images, transform, settings, device, rng,
+                             amp, cpu_bf16)
     return ArrayRecord(generator.to("cpu").state_dict()), report
 
 
@@ -39,7 +43,8 @@ class GeneratorUpload(ClientPart):
         start = time.monotonic()
         work.extra[GENERATOR_RECORD], report = client_generator(
             setup.model, setup.images, setup.transform, setup.spec,
-            GeneratorSettings.from_mapping(work.task.settings), setup.device, work.rng)
+            GeneratorSettings.from_mapping(work.task.settings), setup.device, work.rng,
+            setup.config.amp, setup.config.cpu_bf16)
         work.metrics["generator-seconds"] = time.monotonic() - start
         work.metrics["generator-loss-first"] = report.first["total"]
         work.metrics["generator-loss-last"] = report.last["total"]
