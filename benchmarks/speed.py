@@ -12,7 +12,9 @@ per method (mean and spread over seeds):
   ``gen`` client generator training (each the slowest client per round: the
   wall-clock share with enough parallel workers), ``protos`` prototypes and
   probe heads (slowest client), ``meta`` experts + meta model and ``distill``
-  the server's distillation (or the method's server step), ``start-up`` the
+  the server's distillation (or the method's server step), ``synth`` synthetic
+  data (FedCOG's client synthesis, slowest client; DENSE's server synthesis,
+  part of its ``distill``), ``start-up`` the
   wall time outside the rounds (app start, Ray, SuperLink calls), ``round 1
   extra`` round 1 minus the mean later round of FedAvg (actor start, imports,
   data loading in the actors);
@@ -70,6 +72,7 @@ PHASES = (
     ("protos", ("stats_seconds_max",)),
     ("meta", ("experts_seconds", "meta_seconds")),
     ("distill", ("distill_seconds",)),
+    ("synth", ("fedcog_seconds_max", "synthesis_seconds")),
 )
 
 #: Mosaic's distillation-round diagnostics (read from its round record).

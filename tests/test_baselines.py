@@ -235,6 +235,7 @@ def test_dense_is_one_shot_with_the_whole_local_budget_and_a_fresh_student(tiny_
     assert all(m.content[TASK_RECORD]["local-epochs"] == budget for m in train_messages)
     assert list(run.round_stats) == [1]
     assert {"ensemble_accuracy", "student_accuracy_after"} <= set(run.round_stats[1])
+    assert 0 < run.round_stats[1]["synthesis_seconds"] < run.round_stats[1]["distill_seconds"]
     average = run.strategy.average(run.replies_in_round(1))[0].to_torch_state_dict()
     final = run.result.arrays.to_torch_state_dict()
     assert all(not torch.equal(final[k], average[k]) for k in final if final[k].is_floating_point())

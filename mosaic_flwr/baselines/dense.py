@@ -56,9 +56,11 @@ class Synthesizer:
     """DENSE's data synthesis against a fixed set of client models and a student."""
 
     def __init__(self, clients: list[nn.Module], generator_fn: Callable[[], ImageGenerator],
-                 num_classes: int, settings: DenseSettings, device: torch.device) -> None:
+                 num_classes: int, settings: DenseSettings, device: torch.device,
+                 amp: bool = True, cpu_bf16: bool = False) -> None:
         self.clients, self.generator_fn, self.num_classes = clients, generator_fn, num_classes
         self.settings, self.device = settings, device
+        self.amp, self.cpu_bf16 = amp, cpu_bf16
         self.bn_stats = [BatchNormStatistics(model) for model in clients]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, student: nn.Module
@@ -67,10 +69,14 @@ class Synthesizer:
         (detached, on the device)."""
         for stats in self.bn_stats:
             stats.pop()
-        teacher = client_logits(self.clients, x).mean(0)
+        # The client models and the student are frozen here: they run under amp /
+        # cpu_bf16 (gradients still reach the generator through them).
+        with autocast(self.device, self.amp, self.cpu_bf16):
+            teacher = client_logits(self.clients, x).mean(0).float()
+            student_logits = student(x).float()
         bn = sum((stats.pop().to(x.device) for stats in self.bn_stats), torch.zeros((), device=x.device))
         terms = {"ce": F.cross_entropy(teacher, y), "bn": bn,
-                 "adv": adversarial_loss(student(x), teacher)}
+                 "adv": adversarial_loss(student_logits, teacher)}
         s = self.settings
         total = s.ce_weight * terms["ce"] + s.bn_weight * terms["bn"] + s.adv_weight * terms["adv"]
         return total, {k: v.detach() for k, v in terms.items()}
@@ -208,7 +214,7 @@ class DenseStrategy(TaskStrategy):
                               else self.global_model(arrays))
         optimiser = torch.optim.SGD(student.parameters(), lr=s.distill_lr, momentum=0.9)
         synthesizer = Synthesizer(clients, self.synthesis_generator_fn, self.num_classes, s,
-                                  device)
+                                  device, self.amp, self.cpu_bf16)
         stats: dict[str, float] = {}
         if self.score_fn is not None:
             stats["ensemble_accuracy"] = self.score_fn(
@@ -216,9 +222,12 @@ class DenseStrategy(TaskStrategy):
         pool: list[torch.Tensor] = []
         targets: list[torch.Tensor] = []
         log_every = max(1, s.epochs // 10)
+        synthesis_seconds = 0.0
         try:
             for epoch in range(1, s.epochs + 1):
+                began = time.monotonic()
                 batch, _, last = synthesizer.synthesize(student, self.rng)
+                synthesis_seconds += time.monotonic() - began
                 pool.append(batch)
                 with torch.no_grad(), autocast(device, self.amp, self.cpu_bf16):  # frozen
                     targets.append(client_logits(clients, batch).mean(0).float())
@@ -237,4 +246,5 @@ class DenseStrategy(TaskStrategy):
         if self.score_fn is not None:
             stats["student_accuracy_after"] = self.score_fn(student.eval())
         stats["distill_seconds"] = time.monotonic() - start
+        stats["synthesis_seconds"] = synthesis_seconds  # of distill_seconds
         return ArrayRecord(student.to("cpu").state_dict()), stats

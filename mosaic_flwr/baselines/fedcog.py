@@ -37,7 +37,7 @@ from ..kd.ensemble import keep_best
 from ..models import Classifier
 from ..records import TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
-from ..training import Regulariser, fast_layout
+from ..training import FrozenForward, Regulariser, fast_layout
 from .settings import FedCOGSettings
 
 #: The node-state record that keeps a client's last trained model (it never leaves the node).
@@ -64,18 +64,24 @@ def js_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
 def synthesize_complementary(global_model: nn.Module, local_model: nn.Module,
                              per_class: torch.Tensor, input_shape: tuple[int, ...],
                              settings: FedCOGSettings, device: torch.device,
-                             rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs for the targeted classes: (inputs, their labels, the global model's logits)."""
+                             rng: torch.Generator, amp: bool = True, cpu_bf16: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs for the targeted classes: (inputs, their labels, the global model's logits).
+
+    The two frozen models run under ``amp`` (CUDA) or ``cpu_bf16``
+    (:class:`~mosaic_flwr.training.FrozenForward`); the inputs are optimised in float32."""
     labels = torch.repeat_interleave(torch.arange(len(per_class)), per_class.cpu()).to(device)
     x = torch.randn(len(labels), *input_shape, generator=rng).to(device).requires_grad_(True)
     optimiser = torch.optim.Adam([x], lr=settings.generation_lr, betas=(0.5, 0.9))
     global_model.eval().requires_grad_(False)
     local_model.eval().requires_grad_(False)
+    frozen_global = FrozenForward(global_model, device, amp, cpu_bf16)
+    frozen_local = FrozenForward(local_model, device, amp, cpu_bf16)
     best, best_loss = x.detach().clone(), None
     for _ in range(settings.generation_steps):
-        g_logits = global_model(x)
-        ce = F.cross_entropy(g_logits.float(), labels)
-        disagreement = 1 - js_agreement(g_logits, local_model(x)).mean().clamp(0, 1)
+        g_logits = frozen_global(x)
+        ce = F.cross_entropy(g_logits, labels)
+        disagreement = 1 - js_agreement(g_logits, frozen_local(x)).mean().clamp(0, 1)
         loss = settings.ce_weight * ce + settings.disagreement_weight * disagreement
         best, best_loss = keep_best(best, best_loss, x, loss)
         optimiser.zero_grad(set_to_none=True)
@@ -138,7 +144,7 @@ class FedCOGObjective(ClientPart):
         x_syn, _, targets = synthesize_complementary(
             fast_layout(model.to(setup.device)), fast_layout(local.to(setup.device)), per_class,
             (setup.spec.channels, setup.spec.image_size, setup.spec.image_size), settings,
-            setup.device, rng)
+            setup.device, rng, setup.config.amp, setup.config.cpu_bf16)
         metrics["fedcog-seconds"] = time.monotonic() - start
         metrics["fedcog-samples"] = len(x_syn)
         notional = float((counts.max() - counts).sum())
