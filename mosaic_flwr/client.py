@@ -30,7 +30,7 @@ from .baselines.fedgen import FedGenObjective
 from .client_models import client_model_spec, global_model_spec, initial_seed
 from .client_part import ClientPart, ClientWork
 from .config import RunConfig
-from .data import DATASETS, BatchTransform, client_indices, load_dataset
+from .data import BatchTransform, client_indices, dataset_spec, load_data
 from .faults import InjectedFault, injected_fault
 from .kd.upload import GeneratorUpload
 from .models import Classifier, ModelSpec
@@ -67,10 +67,10 @@ def local_data(config: RunConfig, partition_id: int, node_data_path: str, device
     modify the tensors in place.
     """
     if node_data_path:
-        data = load_dataset(config.dataset, node_data_path)
+        data = load_data(config, node_data_path)
         images, labels = data.train_images, data.train_labels
     else:
-        data = load_dataset(config.dataset, config.data_path)
+        data = load_data(config)
         idx = client_indices(config, partition_id)
         images, labels = data.train_images[idx], data.train_labels[idx]
     return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
@@ -97,7 +97,7 @@ class LocalSetup:  # pylint: disable=too-many-instance-attributes
         self.server_round = int(msg.content.config_records["config"].get("server-round", 0))
         torch.set_num_threads(self.config.num_threads)
         self.device = select_device(self.config.device)
-        self.spec = DATASETS[self.config.dataset]
+        self.spec = dataset_spec(self.config, self.node.data_path or None)
         self.images, self.labels = local_data(self.config, self.partition_id,
                                               self.node.data_path, str(self.device))
         self.transform = BatchTransform(self.spec, self.device)

@@ -27,7 +27,7 @@ import yaml
 from .baselines.settings import (DenseSettings, FedCOGSettings, FedDFSettings, FedFTGSettings,
                                  FedGenSettings)
 from .client_models import assign_client_models, client_models_value, global_model_spec
-from .data.datasets import DATASETS
+from .data.datasets import DATASETS, FOLDER, is_hub_id
 from .data.partition import PARTITIONERS
 from .errors import ConfigError
 from .faults import FAULT_KINDS
@@ -60,8 +60,12 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
 
     preset: str = ""
     strategy: str = "fedavg"
-    dataset: str = "digits"
+    dataset: str = "digits"  # a registered name, a Hugging Face hub id (owner/name), or folder
     data_path: str = ""
+    image_size: int = 0  # 0: the data's own (or the registered) size; N: resize to NxN
+    channels: int = 0  # 0: the data's own (or the registered) channels; 1 or 3: convert
+    image_column: str = ""  # '': as registered, else guessed from the data
+    label_column: str = ""
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     min_partition_size: int = 10
@@ -179,7 +183,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     def validate(self) -> None:  # pylint: disable=too-many-branches
         """Raise :class:`ConfigError` for the first value that is not allowed."""
         _one_of("strategy", self.strategy, STRATEGIES)
-        _one_of("dataset", self.dataset, DATASETS)
+        self._validate_data()
         _one_of("partitioner", self.partitioner, PARTITIONERS)
         _one_of("model", self.model, MODELS)
         _one_of("wandb-mode", self.wandb_mode, WANDB_MODES)
@@ -237,6 +241,26 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         section = STRATEGIES[self.strategy].section
         if section:
             getattr(self, section).check_run(self)
+
+    def _validate_data(self) -> None:
+        if self.dataset not in DATASETS and self.dataset != FOLDER and not is_hub_id(self.dataset):
+            raise ConfigError("dataset", self.dataset,
+                              f"must be one of {', '.join(sorted(DATASETS))}, a Hugging Face "
+                              f"hub id (owner/name), or '{FOLDER}' with data-path")
+        if self.dataset == FOLDER and not self.data_path:
+            raise ConfigError("dataset", self.dataset, "'folder' needs data-path (the folder "
+                              "that holds the data)")
+        if self.image_size != 0 and not 4 <= self.image_size <= 1024:
+            raise ConfigError("image-size", self.image_size,
+                              "must be 0 (the data's own size) or in 4..1024")
+        if self.channels not in (0, 1, 3):
+            raise ConfigError("channels", self.channels,
+                              "must be 0 (the data's own), 1 (grey) or 3 (RGB)")
+        if self.dataset == "digits" and not self.data_path and (self.image_size or self.channels):
+            raise ConfigError("image-size" if self.image_size else "channels",
+                              self.image_size or self.channels,
+                              "the embedded digits are 8x8 grey; image-size and channels apply "
+                              "to data sets read from the hub or data-path")
 
     def _validate_models(self) -> None:
         """``global-model`` and ``client-models`` parse (whether the strategy can combine

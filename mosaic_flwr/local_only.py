@@ -22,14 +22,14 @@ import torch
 from .client import round_seed, train_settings
 from .client_models import client_model_spec, initial_seed
 from .config import RunConfig
-from .data import BatchTransform, client_indices, load_dataset
+from .data import BatchTransform, client_indices, load_data
 from .records import TrainTask
 from .training import evaluate, select_device, train
 
 
 def local_only(config: RunConfig) -> list[dict]:
     """One row per client: its partition id, model, sample count and test accuracy."""
-    data = load_dataset(config.dataset, config.data_path)
+    data = load_data(config)
     device = select_device(config.device)
     transform = BatchTransform(data.spec, device)
     test_images, test_labels = torch.from_numpy(data.test_images), torch.from_numpy(data.test_labels)

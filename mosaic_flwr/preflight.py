@@ -51,9 +51,9 @@ def check_output_dir(config: RunConfig) -> None:
 
 def preflight(config: RunConfig, gpus_per_client: float = 0.0) -> None:
     """Everything a run needs that can be checked without starting it (see the module doc)."""
-    from .data import load_dataset, partitions_for  # pylint: disable=import-outside-toplevel
+    from .data import load_data, partitions_for  # pylint: disable=import-outside-toplevel
 
     check_output_dir(config)
     check_device(config.device, gpus_per_client)
-    load_dataset(config.dataset, config.data_path)
+    load_data(config)
     partitions_for(config)

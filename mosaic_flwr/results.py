@@ -21,6 +21,7 @@ import numpy as np
 from flwr.supercore import log
 
 from .config import RunConfig
+from .data.datasets import dataset_spec
 
 DEFAULT_OUTPUT_DIR = Path.home() / "mosaic-flwr-outputs"
 
@@ -198,6 +199,7 @@ class RunRecorder:
         summary = {
             "status": status, "error": error, "run_dir": str(self.run_dir),
             "strategy": config.strategy, "dataset": config.dataset,
+            "data": _data_facts(config),
             "partitioner": config.partitioner, "dirichlet_alpha": config.dirichlet_alpha,
             "num_clients": self.num_clients, "seed": config.seed, "model": config.model,
             "num_server_rounds": config.num_server_rounds,
@@ -249,3 +251,12 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str = "") -> No
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _data_facts(config: RunConfig) -> dict[str, Any]:
+    """The data's shape, classes and normalisation (read from the data unless registered);
+    empty when it could not be loaded (the run's error says why)."""
+    try:
+        return dataset_spec(config).facts()
+    except Exception:  # pylint: disable=broad-exception-caught
+        return {}

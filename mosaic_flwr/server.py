@@ -26,7 +26,7 @@ from .checkpoint import (latest_checkpoint, load_checkpoint, restore_rng_states,
                          save_final_model, write_checkpoint)
 from .client_models import global_model_spec
 from .config import RunConfig, resolve_run_config
-from .data import BatchTransform, label_counts, load_dataset, partitions_for
+from .data import BatchTransform, label_counts, load_data, partitions_for
 from .errors import ConfigError, DatasetUnavailableError, FederationTooSmallError, ResumeError
 from .preflight import check_device, check_output_dir
 from .results import RunRecorder, make_run_dir, run_status
@@ -62,7 +62,7 @@ class CentralEvaluator:
     """Scores global arrays on the held-out test split (Flower's ``evaluate_fn``)."""
 
     def __init__(self, config: RunConfig) -> None:
-        data = load_dataset(config.dataset, config.data_path)
+        data = load_data(config)
         self.config = config
         self.device = select_device(config.device)
         self.model = global_model_spec(config).build(data.spec)
@@ -114,7 +114,7 @@ def run_server(grid: Grid, context: Context) -> dict:
         check_device(config.device)
         if resumed is None:
             check_output_dir(config)
-        data = load_dataset(config.dataset, config.data_path)
+        data = load_data(config)
         partitions = partitions_for(config)
     except (ConfigError, DatasetUnavailableError, ResumeError) as err:
         log(ERROR, "%s", err)

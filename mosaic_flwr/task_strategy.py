@@ -36,7 +36,7 @@ from .aggregation import (TolerantAggregation, array_signature, arrays_problem, 
                           train_reply_problem)
 from .client_models import global_model_spec
 from .config import RunConfig
-from .data.datasets import DATASETS
+from .data.datasets import dataset_spec
 from .model_routing import ModelRouting
 from .models import Classifier, ModelSpec, classifier_problem
 from .records import (GENERATOR_RECORD, LABEL_COUNTS, STATS_RECORD, TASK_RECORD, ClientUpload,
@@ -50,13 +50,13 @@ ScoreFn = Callable[[Callable[[torch.Tensor], torch.Tensor]], float]
 
 def model_fn_for(config: RunConfig) -> Callable[[], Classifier]:
     """Builds the run's global model (the ``model_fn`` of every strategy's ``from_config``)."""
-    spec, model = DATASETS[config.dataset], global_model_spec(config)
+    spec, model = dataset_spec(config), global_model_spec(config)
     return lambda: model.build(spec)
 
 
 def server_options(config: RunConfig, score_fn: ScoreFn | None) -> dict:
     """The :class:`TaskStrategy` keyword arguments a run config sets."""
-    spec = DATASETS[config.dataset]
+    spec = dataset_spec(config)
     return {"device": select_device(config.device), "amp": config.amp,
             "cpu_bf16": config.cpu_bf16, "seed": config.seed,
             "score_fn": score_fn, "global_name": str(global_model_spec(config)),

@@ -10,7 +10,7 @@ import pytest
 
 from mosaic_flwr.data import datasets as ds
 from mosaic_flwr.data import cache as cache_module
-from mosaic_flwr.data.cache import ARRAYS, cached_arrays
+from mosaic_flwr.data.cache import ARRAYS, cached_decode
 
 from test_datasets import fake_mnist
 
@@ -22,7 +22,7 @@ RACER = textwrap.dedent(f"""
     spec = importlib.util.spec_from_file_location("cache", {cache_module.__file__!r})
     cache = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cache)
-    cached_arrays = cache.cached_arrays
+    cached_decode = cache.cached_decode
 
     def decode():
         with open(sys.argv[1], "a") as log:
@@ -32,9 +32,10 @@ RACER = textwrap.dedent(f"""
             time.sleep(0.05)  # wait until both racers are inside decode()
         rng = np.random.default_rng(7)
         return (rng.integers(0, 256, (50, 1, 4, 4), dtype=np.uint8), np.arange(50),
-                rng.integers(0, 256, (10, 1, 4, 4), dtype=np.uint8), np.arange(10))
+                rng.integers(0, 256, (10, 1, 4, 4), dtype=np.uint8), np.arange(10)), {{"n": 50}}
 
-    arrays = cached_arrays("race", "k1", decode)
+    arrays, meta = cached_decode("race", "k1", decode)
+    assert meta == {{"n": 50}}
     print(sum(int(a.astype(np.int64).sum()) for a in arrays), type(arrays[0]).__name__)
 """)
 
@@ -58,7 +59,7 @@ def test_two_processes_racing_leave_one_complete_entry(cache, tmp_path):
     assert log.read_text().count("decoded") == 2  # both decoded: they raced
     assert [p.name for p in cache.iterdir()] == ["race-k1"]  # one entry, no partial folder
     assert sorted(p.name for p in (cache / "race-k1").iterdir()) == sorted(
-        f"{name}.npy" for name in ARRAYS)
+        [f"{name}.npy" for name in ARRAYS] + ["meta.json"])
     # A later process maps the entry and decodes nothing.
     later = subprocess.run([sys.executable, "-c", RACER, str(log)], env=env, check=True,
                            capture_output=True, text=True).stdout.split()
@@ -72,12 +73,13 @@ def test_an_entry_is_read_back_instead_of_decoded(cache):
     def decode():
         calls.append(1)
         return (np.full((3, 1, 2, 2), 9, np.uint8), np.array([0, 1, 2]),
-                np.zeros((1, 1, 2, 2), np.uint8), np.array([1]))
+                np.zeros((1, 1, 2, 2), np.uint8), np.array([1])), {"classes": ["a", "b", "c"]}
 
-    first = cached_arrays("toy", "k", decode)
-    second = cached_arrays("toy", "k", decode)
-    other = cached_arrays("toy", "another-key", decode)
+    first, _ = cached_decode("toy", "k", decode)
+    second, meta = cached_decode("toy", "k", decode)
+    other, _ = cached_decode("toy", "another-key", decode)
     assert len(calls) == 2  # "k" once, "another-key" once
+    assert meta == {"classes": ["a", "b", "c"]}
     assert isinstance(second[0], np.memmap) and second[0].dtype == np.uint8
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
     assert all(np.array_equal(a, b) for a, b in zip(second, other))
@@ -87,8 +89,9 @@ def test_an_unwritable_cache_folder_decodes_in_every_process(tmp_path, monkeypat
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("MOSAIC_FLWR_CACHE", str(blocker))
-    arrays = cached_arrays("toy", "k", lambda: (np.ones((2, 1, 2, 2), np.uint8), np.arange(2),
-                                                np.ones((1, 1, 2, 2), np.uint8), np.arange(1)))
+    arrays, _ = cached_decode("toy", "k", lambda: ((np.ones((2, 1, 2, 2), np.uint8), np.arange(2),
+                                                    np.ones((1, 1, 2, 2), np.uint8),
+                                                    np.arange(1)), {}))
     assert arrays[0].sum() == 8 and not isinstance(arrays[0], np.memmap)
 
 

@@ -35,7 +35,9 @@ def fake_mnist(num: int, seed: int):
 
 
 @pytest.fixture
-def fresh_cache():
+def fresh_cache(tmp_path, monkeypatch):
+    """No data set loaded in this process, and an empty on-disk cache."""
+    monkeypatch.setenv("MOSAIC_FLWR_CACHE", str(tmp_path / "cache"))
     ds.load_dataset.cache_clear()
     yield
     ds.load_dataset.cache_clear()
@@ -72,9 +74,15 @@ def test_imagefolder_tree_loads(tmp_path, fresh_cache):
             for i in range(per_class):
                 pixels = rng.integers(0, 256, (28, 28), dtype=np.uint8)
                 Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
-    data = load_dataset("mnist", str(tmp_path))
+    data = load_dataset("folder", str(tmp_path))
     assert data.train_images.shape == (6, 1, 28, 28) and len(data.test_labels) == 2
     assert sorted(data.train_labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert (data.spec.num_classes, data.spec.class_names) == (2, ("0", "1"))
+    # The same two classes named as MNIST's ten: refused, with the way out.
+    ds.load_dataset.cache_clear()
+    with pytest.raises(DatasetUnavailableError, match=r"holds 2 classes, but dataset 'mnist' "
+                                                      r"has 10: use dataset='folder'"):
+        load_dataset("mnist", str(tmp_path))
 
 
 def test_missing_path_says_which_dataset_where_and_how(tmp_path, fresh_cache):
@@ -103,8 +111,12 @@ def test_wrong_image_shape_is_reported(tmp_path, fresh_cache):
 
     split = fake_mnist(3, 4)
     datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "m"))
-    with pytest.raises(DatasetUnavailableError, match=r"dataset 'cifar10': an image has shape"):
+    with pytest.raises(DatasetUnavailableError) as caught:
         load_dataset("cifar10", str(tmp_path / "m"))
+    assert str(caught.value) == (
+        f"dataset 'cifar10' at {tmp_path / 'm'}: an image is 28x28, but dataset 'cifar10' is "
+        f"32x32: set image-size=32 to resize the images, or use dataset='folder' to keep the "
+        f"data's own size")
 
 
 def test_array_columns_load_in_one_step_as_prepare_mnist_writes_them(tmp_path, fresh_cache):

@@ -45,7 +45,7 @@ def _cases(tmp_path, wrong_size_data):
         (sim + ["num-clients=2000"], "num-clients=2000: must be <= the 1438 training samples"),
         (sim + [f"data-path='{a_file}'"], f"data-path {a_file} is a file, not a folder"),
         (sim + [f"data-path='{tmp_path / 'empty'}'"], f"data-path {tmp_path / 'empty'} is empty"),
-        (sim + [f"data-path='{wrong_size_data}'"], "an image has shape (16, 16, 1), expected (8, 8, 1)"),
+        (sim + [f"data-path='{wrong_size_data}'"], "an image is 16x16, but dataset 'digits' is 8x8: set image-size=8"),
         (sim + ["device='cuda'"], "device='cuda': CUDA is not available on this machine"),
         (["simulate", "--gpus-per-client", "0.5"], "--gpus-per-client=0.5: CUDA is not available"),
         (sim + ["output-dir='/proc/x'"], "output-dir='/proc/x': cannot write there"),

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
-from ..data.datasets import DATASETS
+from ..data.datasets import dataset_spec
 from ..kd.distill import DistillWeights, distillation_loss
 from ..kd.ensemble import client_logits, keep_best
 from ..kd.generator import BatchNormStatistics, ImageGenerator
@@ -176,7 +176,7 @@ class DenseStrategy(TaskStrategy):
         """The strategy for a run config; clients train ``local-epochs x num-server-rounds``
         epochs (``local-steps x num-server-rounds`` steps when ``local-steps`` is set) unless
         ``dense-local-epochs`` says otherwise."""
-        spec = DATASETS[config.dataset]
+        spec = dataset_spec(config)
         settings = config.dense
         epochs = settings.local_epochs or config.local_epochs * config.num_server_rounds
         steps = 0 if settings.local_epochs else config.local_steps * config.num_server_rounds

@@ -26,8 +26,8 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from ..config import RunConfig
-from ..data import BatchTransform, load_dataset, proxy_indices
-from ..data.datasets import DATASETS
+from ..data import BatchTransform, load_data, proxy_indices
+from ..data.datasets import dataset_spec
 from ..kd.distill import DistillWeights, distill_into
 from ..kd.ensemble import average_logits
 from ..kd.generator import build_generator
@@ -78,11 +78,11 @@ class FedDFStrategy(TaskStrategy):
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
                     **kwargs) -> "FedDFStrategy":
         """The strategy for a run config (loads the proxy split for ``inputs='proxy'``)."""
-        spec = DATASETS[config.dataset]
+        spec = dataset_spec(config)
         settings = config.feddf
         proxy = None
         if settings.inputs == "proxy":
-            images = load_dataset(config.dataset, config.data_path).train_images
+            images = load_data(config).train_images
             proxy = BatchTransform(spec, torch.device("cpu"))(
                 torch.from_numpy(images[proxy_indices(config)]), train=False)
         return cls(model_fn_for(config), settings,

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
-from ..data.datasets import DATASETS
+from ..data.datasets import dataset_spec
 from ..kd.ensemble import (classwise_probabilities, client_logits, labels_by_counts,
                            pairwise_diversity_loss, soft_cross_entropy)
 from ..kd.generator import ImageGenerator
@@ -135,7 +135,7 @@ class FedFTGStrategy(TaskStrategy):
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
                     **kwargs) -> "FedFTGStrategy":
         """The strategy for a run config."""
-        spec = DATASETS[config.dataset]
+        spec = dataset_spec(config)
         settings = config.fedftg
         return cls(model_fn_for(config),
                    lambda: ImageGenerator(spec, settings.latent_dim, settings.generator_width,

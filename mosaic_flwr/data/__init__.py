@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .augment import BatchTransform
-from .datasets import DATASETS, DatasetSpec, DatasetUnavailableError, ImageData, load_dataset
+from .datasets import (DATASETS, DatasetSpec, DatasetUnavailableError, ImageData, dataset_spec,
+                       load_data, load_dataset)
 from .partition import PARTITIONERS, label_counts, partition_labels
 
 if TYPE_CHECKING:  # the run config imports the registries defined in this package
@@ -16,14 +17,17 @@ if TYPE_CHECKING:  # the run config imports the registries defined in this packa
 
 __all__ = [
     "BatchTransform", "DATASETS", "DatasetSpec", "DatasetUnavailableError", "ImageData",
-    "PARTITIONERS", "client_indices", "label_counts", "load_dataset", "partition_labels",
+    "PARTITIONERS", "client_indices", "dataset_spec", "label_counts", "load_data",
+    "load_dataset", "partition_labels",
     "partitions_for", "proxy_indices",
 ]
 
 
 def partitions_for(config: RunConfig) -> list[np.ndarray]:
     """Every client's training indices for this config (cached per process)."""
-    return _cached_partitions(config.dataset, config.data_path, config.partitioner,
+    request = (config.dataset, config.data_path, config.image_size, config.channels,
+               config.image_column, config.label_column)
+    return _cached_partitions(request, config.partitioner,
                               config.num_clients, config.seed, config.dirichlet_alpha,
                               config.min_partition_size, config.classes_per_client,
                               config.proxy_fraction)
@@ -32,7 +36,7 @@ def partitions_for(config: RunConfig) -> list[np.ndarray]:
 def proxy_indices(config: RunConfig) -> np.ndarray:
     """Training indices held out from every client (``proxy-fraction``), for server-side
     proxy data; empty when the fraction is 0."""
-    num_train = len(load_dataset(config.dataset, config.data_path).train_labels)
+    num_train = len(load_data(config).train_labels)
     return _proxy_split(num_train, config.seed, config.proxy_fraction)[0]
 
 
@@ -50,12 +54,12 @@ def client_indices(config: RunConfig, partition_id: int) -> np.ndarray:
 
 # The key lists every input of the partitioning, so no two configs share an entry.
 @functools.lru_cache(maxsize=8)
-def _cached_partitions(dataset: str, data_path: str, partitioner: str, num_clients: int,
-                       seed: int, alpha: float, min_size: int,
-                       classes_per_client: int, proxy_fraction: float) -> list[np.ndarray]:
-    labels = load_dataset(dataset, data_path).train_labels
+def _cached_partitions(request: tuple, partitioner: str, num_clients: int, seed: int,
+                       alpha: float, min_size: int, classes_per_client: int,
+                       proxy_fraction: float) -> list[np.ndarray]:
+    labels = load_dataset(*request).train_labels
     _, kept = _proxy_split(len(labels), seed, proxy_fraction)
     parts = partition_labels(labels[kept], partitioner=partitioner, num_clients=num_clients,
                              seed=seed, dirichlet_alpha=alpha, min_partition_size=min_size,
-                             classes_per_client=classes_per_client, dataset=dataset)
+                             classes_per_client=classes_per_client, dataset=request[0])
     return [kept[part] for part in parts]

@@ -6,7 +6,8 @@ every process that needs it the ``datasets`` import (about 1 s) plus the
 decoding itself (for 60,000 PNG images, tens of seconds). In a simulation the
 ServerApp and every Ray actor load the same data set, and a comparison repeats
 that for every run. So the first process that decodes a data set writes its
-arrays, uint8 pixels and int64 labels as ``.npy`` files, into a folder of
+arrays, uint8 pixels and int64 labels as ``.npy`` files, and what it read from
+the data (classes, shape, normalisation) as ``meta.json``, into a folder of
 :func:`cache_dir` named by a key of everything the result depends on; every
 later process maps the images read-only-shared from the page cache
 (``numpy.load(mmap_mode="c")``: pages are shared between processes until one
@@ -29,6 +30,7 @@ decodes on its own, as without a cache.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -37,7 +39,7 @@ from typing import Callable
 import numpy as np
 
 #: Changes whenever what a cache entry holds, or how it is decoded, changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 #: The arrays of an entry, in :class:`~mosaic_flwr.data.datasets.ImageData` order.
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -72,15 +74,19 @@ def entry_key(*parts: object) -> str:
     return hashlib.sha256(text).hexdigest()[:32]
 
 
-def cached_arrays(name: str, key: str, decode: Callable[[], tuple[np.ndarray, ...]]
-                  ) -> tuple[np.ndarray, ...]:
-    """The arrays of :data:`ARRAYS` for ``key``: mapped from the cache when an entry
-    exists, else ``decode()``d, written to the cache (atomically) and returned."""
-    entry = cache_dir() / "data" / f"{name}-{key}"
+Decoded = tuple[tuple[np.ndarray, ...], dict]
+
+
+def cached_decode(name: str, key: str, decode: Callable[[], Decoded]) -> Decoded:
+    """The arrays of :data:`ARRAYS` and the JSON-able facts for ``key``: mapped from the
+    cache when an entry exists, else ``decode()``d, written to the cache (atomically)
+    and returned. ``name`` starts the entry's folder name (any characters)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    entry = cache_dir() / "data" / f"{safe}-{key}"
     stored = _read(entry)
     if stored is not None:
         return stored
-    arrays = decode()
+    arrays, meta = decoded = decode()
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         partial = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
@@ -88,21 +94,23 @@ def cached_arrays(name: str, key: str, decode: Callable[[], tuple[np.ndarray, ..
         partial.mkdir()
         for array_name, array in zip(ARRAYS, arrays):
             np.save(partial / f"{array_name}.npy", np.ascontiguousarray(array))
+        (partial / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(partial, entry)  # atomic; fails when another process was first
         except OSError:
             shutil.rmtree(partial, ignore_errors=True)
     except OSError:
-        return arrays  # the cache folder is not writable: decode in every process
+        return decoded  # the cache folder is not writable: decode in every process
     stored = _read(entry)
-    return arrays if stored is None else stored
+    return decoded if stored is None else stored
 
 
-def _read(entry: Path) -> tuple[np.ndarray, ...] | None:
-    """A complete entry's arrays (images mapped, labels read), or None."""
+def _read(entry: Path) -> Decoded | None:
+    """A complete entry's arrays (images mapped, labels read) and facts, or None."""
     try:
-        return tuple(np.load(entry / f"{array_name}.npy",
-                             mmap_mode="c" if array_name.endswith("images") else None)
-                     for array_name in ARRAYS)
+        arrays = tuple(np.load(entry / f"{array_name}.npy",
+                               mmap_mode="c" if array_name.endswith("images") else None)
+                       for array_name in ARRAYS)
+        return arrays, json.loads((entry / "meta.json").read_text())
     except (OSError, ValueError):
         return None

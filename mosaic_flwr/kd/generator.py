@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from ..data.augment import BatchTransform
 from ..data.datasets import DatasetSpec
+from ..errors import ConfigError
 from ..training import FrozenForward, fast_layout
 from .settings import GeneratorSettings
 
@@ -66,7 +67,12 @@ class ImageGenerator(nn.Module):
                  num_classes: int = 0) -> None:
         super().__init__()
         if spec.image_size % 4:
-            raise ValueError(f"image size {spec.image_size} is not divisible by 4")
+            size = spec.image_size
+            raise ConfigError("image-size", size,
+                              f"dataset {spec.name!r} has {size}x{size} images, but the image "
+                              f"generators need a side divisible by 4: set image-size="
+                              f"{size + 4 - size % 4} to resize the images to "
+                              f"{size + 4 - size % 4}x{size + 4 - size % 4}")
         width = sized_width(spec.channels, spec.image_size, width)
         self.width = width
         self.latent_dim = latent_dim

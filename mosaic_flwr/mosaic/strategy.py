@@ -38,7 +38,7 @@ from flwr.supercore import log
 from torch import nn
 
 from ..config import RunConfig
-from ..data.datasets import DATASETS
+from ..data.datasets import dataset_spec
 from ..kd.distill import DistillWeights, distill_into
 from ..kd.ensemble import client_logits, head_logits
 from ..kd.generator import build_generator
@@ -123,7 +123,7 @@ class MosaicStrategy(TaskStrategy):
     def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
                     **kwargs) -> "MosaicStrategy":
         """The strategy for a run config: its data set, model, generator and settings."""
-        spec = DATASETS[config.dataset]
+        spec = dataset_spec(config)
         settings = config.mosaic
         return cls(model_fn_for(config), lambda: build_generator(spec, settings.generator), settings,
                    **server_options(config, score_fn), **kwargs)
