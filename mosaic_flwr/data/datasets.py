@@ -124,6 +124,7 @@ def is_hub_id(name: str) -> bool:
     owner, _, rest = name.partition("/")
     return bool(owner and rest) and "/" not in rest
 
+
 #: Share of ``digits`` held out as the test split (stratified, fixed across seeds).
 DIGITS_TEST_FRACTION = 0.2
 
