@@ -181,7 +181,9 @@ def test_mosaic_runs_over_tls_with_supernode_authentication(federation, mosaic_r
     assert summary["num_clients"] == 3 and [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
     lines = metrics_lines(run_dir)
-    assert [m["phase"] for m in lines] == ["warmup", "distill", "finetune"]
+    # After a discarded distillation, round 3 is a plain FedAvg round.
+    finetune = "finetune" if lines[1]["distilled"] == 1.0 else "train"
+    assert [m["phase"] for m in lines] == ["warmup", "distill", finetune]
     assert [m["clients_ok"] for m in lines[:2]] == [3, 3]
     distill = lines[1]  # every node uploaded its generator; the server distilled
     assert distill["generator_seconds_sum"] > 0 and distill["num_prototypes"] > 0
@@ -230,7 +232,8 @@ def test_killed_supernode_leaves_the_run_to_the_others_and_loses_no_result(
     assert outcome.completed, outcome.log[-4000:]
     lines = metrics_lines(run_dir)
     assert lines[:2] == mosaic_run.before_kill  # what was recorded before the kill is kept
-    assert [m["round"] for m in lines] == [1, 2, 3] and lines[2]["phase"] == "finetune"
+    assert [m["round"] for m in lines] == [1, 2, 3]
+    assert lines[2]["phase"] == ("finetune" if lines[1]["distilled"] == 1.0 else "train")
     assert (lines[2]["clients_sampled"], lines[2]["clients_ok"]) == (3, 2)
     assert lines[2]["clients_failed"] + lines[2]["clients_timed_out"] == 1
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -268,7 +268,8 @@ def test_mosaic_runs_its_whole_schedule_with_three_architectures_under_flwr_run(
     run_dir = killed_and_resumed
     log = (run_dir / "flwr.log").read_text()
     lines = metrics_lines(run_dir)
-    assert [m["phase"] for m in lines] == ["warmup", "distill", "finetune"]
+    kept = lines[1]["distilled"] == 1.0  # else round 3 is a plain FedAvg round
+    assert [m["phase"] for m in lines] == ["warmup", "distill", "finetune" if kept else "train"]
     assert all(m["clients_ok"] == 10 and m["clients_failed"] == 0 for m in lines)
     distill = lines[1]  # every client, of every architecture, sent prototypes and a probe head
     assert distill["num_prototypes"] > 0 and distill["generator_seconds_sum"] > 0
@@ -277,8 +278,10 @@ def test_mosaic_runs_its_whole_schedule_with_three_architectures_under_flwr_run(
     assert distill["accuracy"] == distill["student_accuracy_after"]
     assert distill["distill_loss_last"] < 0.9 * distill["distill_loss_first"]
     # The trust checks asked all ten clients, in the distillation round and, after the
-    # resume (new node ids), in the fine-tuning round: found again by partition.
-    assert distill["federated_check_clients"] == lines[2]["federated_check_clients"] == 10
+    # resume (new node ids), in a fine-tuning round: found again by partition (also
+    # tests/test_resume.py's mosaic-trust case, where the distillation is always kept).
+    assert distill["federated_check_clients"] == 10
+    assert lines[2].get("federated_check_clients") == (10 if kept else None)
     assert "[mosaic] distillation step 10/10" in log
     assert "[mosaic] meta model epoch 5/5" in log
     summary = json.loads((run_dir / "summary.json").read_text())
