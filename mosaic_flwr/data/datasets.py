@@ -324,9 +324,7 @@ def _load_local(name: str, path: Path):
                 if mine:
                     data_files[split] = mine
             return datasets.load_dataset("parquet", data_files=data_files)
-        # Images are decoded here, one by one (a corrupt file is then named).
-        return datasets.load_dataset("imagefolder", data_dir=str(path)).cast_column(
-            "image", datasets.Image(decode=False))
+        return datasets.load_dataset("imagefolder", data_dir=str(path))
     except Exception as err:
         reason = " ".join(str(err).split())  # one line
         raise DatasetUnavailableError(

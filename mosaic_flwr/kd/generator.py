@@ -68,11 +68,11 @@ class ImageGenerator(nn.Module):
         super().__init__()
         if spec.image_size % 4:
             size = spec.image_size
+            fit = size + 4 - size % 4  # the next side the generators can make
             raise ConfigError("image-size", size,
                               f"dataset {spec.name!r} has {size}x{size} images, but the image "
-                              f"generators need a side divisible by 4: set image-size="
-                              f"{size + 4 - size % 4} to resize the images to "
-                              f"{size + 4 - size % 4}x{size + 4 - size % 4}")
+                              f"generators need a side divisible by 4: set image-size={fit} "
+                              f"to resize the images to {fit}x{fit}")
         width = sized_width(spec.channels, spec.image_size, width)
         self.width = width
         self.latent_dim = latent_dim
