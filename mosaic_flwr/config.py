@@ -311,8 +311,15 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """Read a preset's run-config values; unknown keys are errors."""
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a preset's run-config values; unknown keys are errors.
+
+    A preset may start from another one: ``preset: <name>`` in its file loads that
+    preset first and then applies the file's own values over it (a chain of any
+    length; a preset that names itself, directly or through others, is an error)."""
+    if name in _seen:
+        raise ConfigError("preset", name, "presets name each other in a cycle: "
+                          + " -> ".join((*_seen, name)))
     path = preset_path(name)
     if not path.is_file():
         raise ConfigError("preset", name,
@@ -331,9 +338,14 @@ def load_preset(name: str) -> dict[str, Any]:
         values["client-models"] = client_models_value(values["client-models"])
     known = set(RunConfig.keys())
     for key in values:
-        if key not in known or key == "preset":
+        if key not in known:
             raise ConfigError(key, values[key], f"unknown key in preset {path}")
-    return values
+    base = values.pop("preset", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base:
+        raise ConfigError("preset", base, f"in {path}: must name the preset it starts from")
+    return {**load_preset(base, (*_seen, name)), **values}
 
 
 def _key(field_name: str) -> str:

@@ -118,6 +118,18 @@ def test_preset_with_unknown_key_is_rejected(tmp_path):
         load_preset(str(path))
 
 
+def test_a_preset_starts_from_the_preset_it_names_and_a_cycle_is_refused(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("preset: digits-dirichlet\ndirichlet-alpha: 0.5\nseed: 4\n")
+    values = load_preset(str(child))
+    assert values == {**load_preset("digits-dirichlet"), "dirichlet-alpha": 0.5, "seed": 4}
+    assert values["partitioner"] == "dirichlet"  # from the base
+    (tmp_path / "a.yaml").write_text(f"preset: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"preset: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="presets name each other in a cycle: .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_preset(str(tmp_path / "a.yaml"))
+
+
 @pytest.mark.parametrize("name", available_presets())
 def test_every_shipped_preset_is_valid(name):
     config = resolve_run_config({**app_defaults(), "preset": name})
