@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .augment import BatchTransform
-from .datasets import (DATASETS, DatasetSpec, DatasetUnavailableError, ImageData, dataset_spec,
-                       load_data, load_dataset)
+from .datasets import (DATASETS, DatasetSpec, DatasetUnavailableError, ImageData, data_request,
+                       dataset_spec, load_data, load_dataset)
 from .partition import PARTITIONERS, label_counts, partition_labels
 
 if TYPE_CHECKING:  # the run config imports the registries defined in this package
@@ -25,9 +25,7 @@ __all__ = [
 
 def partitions_for(config: RunConfig) -> list[np.ndarray]:
     """Every client's training indices for this config (cached per process)."""
-    request = (config.dataset, config.data_path, config.image_size, config.channels,
-               config.image_column, config.label_column)
-    return _cached_partitions(request, config.partitioner,
+    return _cached_partitions(data_request(config), config.partitioner,
                               config.num_clients, config.seed, config.dirichlet_alpha,
                               config.min_partition_size, config.classes_per_client,
                               config.proxy_fraction)

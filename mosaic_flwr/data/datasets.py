@@ -141,12 +141,16 @@ class ImageData:  # pylint: disable=too-many-instance-attributes
     test_labels: np.ndarray
 
 
+def data_request(config: RunConfig, data_path: str | None = None) -> tuple:
+    """The arguments of :func:`load_dataset` that a run config asks for (``data_path``:
+    another folder holding the data, e.g. a SuperNode's own)."""
+    return (config.dataset, config.data_path if data_path is None else data_path,
+            config.image_size, config.channels, config.image_column, config.label_column)
+
+
 def load_data(config: RunConfig, data_path: str | None = None) -> ImageData:
-    """The run's data set as its config asks for it (``data_path``: another folder
-    holding it, e.g. a SuperNode's own)."""
-    return load_dataset(config.dataset, config.data_path if data_path is None else data_path,
-                        config.image_size, config.channels, config.image_column,
-                        config.label_column)
+    """The run's data set as its config asks for it (see :func:`data_request`)."""
+    return load_dataset(*data_request(config, data_path))
 
 
 def dataset_spec(config: RunConfig, data_path: str | None = None) -> DatasetSpec:
