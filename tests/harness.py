@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
@@ -40,6 +41,27 @@ from mosaic_flwr.server import CentralEvaluator, message_config, run_server
 from mosaic_flwr.strategies import build_strategy
 
 Handler = Callable[[Message, Context], Message]
+
+#: The five classes of the generated folder, each a colour (imagefolder sorts them).
+COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200),
+           "owl": (200, 200, 40), "yak": (40, 200, 200)}
+
+
+def write_imagefolder(root, size=24, per_class=(12, 4), mode="RGB", sizes=None):
+    """train/<class>/*.png and test/<class>/*.png: each class a noisy colour."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "test"), per_class):
+        for name, colour in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                side = sizes[i % len(sizes)] if sizes else size
+                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (side, side, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).convert(mode).save(folder / f"{i}.png")
+    return root
+
 
 #: What every tiny run shares: 4 label-skewed clients, 1 local epoch.
 BASE: dict[str, Any] = {"partitioner": "dirichlet", "dirichlet-alpha": 0.3, "num-clients": 4,

@@ -10,7 +10,10 @@ launcher and the same run config through the README's plain `flwr run` setup
 (they must agree with each other and with the in-process run); one run with
 misbehaving clients; Mosaic with three architectures, killed (kill -9, every
 process) in its distillation round and resumed; and the `compare` command
-(the FedProx run kept from the seeded run, FedGen run).
+(the FedProx run kept from the seeded run, FedGen run). The run with misbehaving
+clients (FedAvg) reads a user's own data: a generated 5-class imagefolder of 24x24
+RGB images (`dataset='folder'`), decoded once into the data cache and mapped by the
+Ray actors (Mosaic on such a folder: tests/test_own_data.py, in process).
 """
 
 import csv
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from deploy_harness import terminate
-from harness import run_inline
+from harness import run_inline, write_imagefolder
 
 from mosaic_flwr.cli import main as cli_main
 from mosaic_flwr.config import load_preset
@@ -89,6 +92,14 @@ def metrics_lines(run_dir: Path) -> list[dict]:
 def round_accuracies(summary: dict) -> list[float]:
     """Test accuracy of the untrained model, then after every round."""
     return [summary["initial_accuracy"], *(r["accuracy"] for r in summary["rounds"])]
+
+
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory) -> dict:
+    """A user's own data: an imagefolder of 5 classes of 24x24 RGB images (100 train and
+    20 test per class); returns the run-config keys that select it."""
+    root = write_imagefolder(tmp_path_factory.mktemp("own"), per_class=(100, 20))
+    return {"dataset": "folder", "data-path": str(root)}
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +209,9 @@ def test_flwr_run_gives_the_accuracies_of_the_same_config_run_in_process(seeded_
 
 # ---------------------------------------------------------------- runs that go wrong
 @pytest.fixture(scope="module")
-def faulty_run(superlink, tmp_path_factory):
-    """This app with its ClientApp replaced by FAULTY_CLIENT, 3 rounds, min-clients 6."""
+def faulty_run(superlink, own_data, tmp_path_factory):
+    """This app with its ClientApp replaced by FAULTY_CLIENT, 3 rounds, min-clients 6, on
+    the user's own folder."""
     app = tmp_path_factory.mktemp("faulty_app")
     shutil.copytree(ROOT / "server_app", app / "server_app")
     shutil.copytree(ROOT / "configs", app / "configs")
@@ -209,8 +221,8 @@ def faulty_run(superlink, tmp_path_factory):
         pyproject.replace('clientapp = "client_app.app:app"', 'clientapp = "faulty_client:app"'))
     # Round 1 includes the start of the Ray actors (about 10 s on 2 cores): the timeout
     # leaves room for it.
-    return simulate({"num-server-rounds": 3, "local-epochs": 1, "round-timeout": 20.0,
-                     "min-clients": 6}, superlink=superlink, app_dir=app,
+    return simulate({**own_data, "num-server-rounds": 3, "local-epochs": 1,
+                     "round-timeout": 20.0, "min-clients": 6}, superlink=superlink, app_dir=app,
                     output_dir=tmp_path_factory.mktemp("faulty"))
 
 
@@ -219,6 +231,9 @@ def test_failing_malformed_and_late_clients_are_left_out(faulty_run):
     assert (first["clients_ok"], first["clients_failed"], first["clients_timed_out"]) == (7, 3, 0)
     assert (second["clients_ok"], second["clients_failed"], second["clients_timed_out"]) == (6, 3, 1)
     assert "client error" in faulty_run.log and "NaN" in faulty_run.log
+    data = faulty_run.summary["data"]  # read from the folder: nothing was registered
+    assert (data["num_classes"], data["image_size"], data["channels"]) == (5, 24, 3)
+    assert data["class_names"] == ["cat", "dog", "fox", "owl", "yak"]
     assert second["accuracy"] > faulty_run.summary["initial_accuracy"] + 0.2
 
 

@@ -9,34 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from harness import BASE, MOSAIC, serve_inline
+from harness import BASE, COLOURS, MOSAIC, serve_inline, write_imagefolder
 
 from mosaic_flwr.config import RunConfig
 from mosaic_flwr.data import datasets as ds
 from mosaic_flwr.data import DatasetUnavailableError, load_dataset
 from mosaic_flwr.errors import ConfigError
 from mosaic_flwr.strategies import build_strategy
-
-#: The five classes of the generated folder, each a colour (imagefolder sorts them).
-COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200),
-           "owl": (200, 200, 40), "yak": (40, 200, 200)}
-
-
-def write_imagefolder(root, size=24, per_class=(12, 4), mode="RGB", sizes=None):
-    """train/<class>/*.png and test/<class>/*.png: each class a noisy colour."""
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-
-    rng = np.random.default_rng(0)
-    for split, count in zip(("train", "test"), per_class):
-        for name, colour in COLOURS.items():
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                side = sizes[i % len(sizes)] if sizes else size
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (side, side, 3)), 0, 255)
-                Image.fromarray(pixels.astype(np.uint8)).convert(mode).save(folder / f"{i}.png")
-    return root
-
 
 @pytest.fixture(autouse=True)
 def fresh(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ that session, and teardown ends that session's processes and their children.
 """
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -24,12 +25,16 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import MOSAIC, write_imagefolder
 
 from mosaic_flwr.simulation import LocalSuperLink, free_port, simulate
 
-#: Two clients, one short round: the run is about where the clients run.
-RUN = {"strategy": "fedavg", "dataset": "digits", "num-clients": 2, "min-clients": 2,
-       "num-server-rounds": 1, "local-epochs": 1}
+#: Two clients, Mosaic's warm-up and distillation rounds at their smallest, on a user's
+#: own folder of 24x24 RGB images in 5 classes (written by the test): the run is about
+#: where the clients run, and it also takes Mosaic through `flwr run` on data that no
+#: registration describes.
+RUN = {**MOSAIC, "num-clients": 2, "min-clients": 2, "num-server-rounds": 2,
+       "mosaic-finetune-rounds": 0, "local-epochs": 1, "partitioner": "iid"}
 
 #: Flags for both nodes: one CPU each, no GPU, a small object store, and ports the OS
 #: picks for the workers, so that nothing collides with another Ray on this machine.
@@ -167,12 +172,20 @@ def test_ray_address_goes_into_the_superlink_environment_only_when_given(monkeyp
 @pytest.mark.e2e
 def test_a_simulation_joins_the_cluster_and_runs_clients_on_both_nodes(ray_cluster, tmp_path):
     address, nodes = ray_cluster
+    folder = write_imagefolder(tmp_path / "own", per_class=(20, 4))
     with LocalSuperLink(ray_address=address) as link:
-        outcome = simulate({**RUN, "output-dir": str(tmp_path / "runs")}, superlink=link,
+        outcome = simulate({**RUN, "dataset": "folder", "data-path": str(folder),
+                            "output-dir": str(tmp_path / "runs")}, superlink=link,
                            output_dir=tmp_path, cpus_per_client=1)
     assert outcome.completed, outcome.log[-3000:]
     summary = outcome.summary
-    assert summary["num_clients"] == 2 and [r["round"] for r in summary["rounds"]] == [1]
+    assert summary["num_clients"] == 2 and [r["round"] for r in summary["rounds"]] == [1, 2]
+    data = summary["data"]  # shape and classes read from the folder
+    assert (data["num_classes"], data["image_size"], data["channels"]) == (5, 24, 3)
+    lines = (outcome.run_dir / "metrics.jsonl").read_text().splitlines()
+    distill = json.loads(lines[1])  # both clients trained 24x24 RGB generators for it
+    assert distill["phase"] == "distill" and distill["clients_ok"] == 2
+    assert distill["generator_seconds_sum"] > 0 and distill["num_prototypes"] > 0
 
     # The simulation process was this cluster's driver (it did not start a Ray of its own) ...
     jobs = list(_gcs(address).get_all_job_info().values())
