@@ -347,7 +347,10 @@ def _decode(request: _Request, splits, where: str) -> tuple[tuple[np.ndarray, ..
                               f"{sorted(splits.keys())}. {_how_to_provide(request.name)}")
     train, test = splits["train"], splits[test_name]
     image_col, label_col = _columns(request, train, where)
-    labels = [_labels(request, split[label_col], label_col, where) for split in (train, test)]
+    # One Arrow read per split (a plain split[label_col] converts 60,000 rows one by one:
+    # 0.6 s against 0.03 s for MNIST's labels).
+    labels = [_labels(request, split.with_format("numpy", columns=[label_col])[:][label_col],
+                      label_col, where) for split in (train, test)]
     num_classes, class_names = _classes(request, train.features[label_col], labels, where)
     images = _Images(request, image_col, where)
     train_images = images.decode(train)
