@@ -6,6 +6,7 @@ Each configuration in :data:`harness.TINY` runs once per test session
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
@@ -19,6 +20,20 @@ from harness import TINY, InlineRun, run_inline
 # SuperLinks, Ray actors or other jobs, more threads than free cores slow each op down
 # many times over.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Decoded data sets and partitions go to a folder of this session's own, in this
+    process and in every process a test starts (SuperLinks, Ray actors inherit the
+    environment): the suite neither reads nor fills the user's cache."""
+    saved = os.environ.get("MOSAIC_FLWR_CACHE")
+    os.environ["MOSAIC_FLWR_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        del os.environ["MOSAIC_FLWR_CACHE"]
+    else:
+        os.environ["MOSAIC_FLWR_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ process) in its distillation round and resumed; and the `compare` command
 (the FedProx run kept from the seeded run, FedGen run). The run with misbehaving
 clients (FedAvg) reads a user's own data: a generated 5-class imagefolder of 24x24
 RGB images (`dataset='folder'`), decoded once into the data cache and mapped by the
-Ray actors (Mosaic on such a folder: tests/test_own_data.py, in process).
+Ray actors (Mosaic on such a folder under `flwr run`: tests/test_ray_cluster.py).
 """
 
 import csv
