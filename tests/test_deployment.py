@@ -152,10 +152,7 @@ def mosaic_run(federation) -> MosaicRun:
     deadline = time.monotonic() + 30
     while _clientapps_running(fed) and time.monotonic() < deadline:
         time.sleep(0.5)
-    # The resumed run waits for the killed node only 25 s (a round without it takes about
-    # 10 s here); round-timeout is one of the keys a resumed run may change.
-    run = fed.start_run({**config, "resume-from": str(run_dir), "round-timeout": 25.0},
-                        resumed_log)
+    run = fed.start_run({**config, "resume-from": str(run_dir)}, resumed_log)
     try:
         _wait_for(lambda: "[ROUND 3/3]" in resumed_log.read_text(errors="replace"), run,
                   resumed_log)
