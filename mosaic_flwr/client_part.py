@@ -15,7 +15,7 @@ which parts a round needs (:func:`mosaic_flwr.client.client_parts`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from flwr.app import ArrayRecord, Context, Message
@@ -25,6 +25,16 @@ from .training import Regulariser
 
 if TYPE_CHECKING:
     from .client import LocalSetup
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What local training runs on: images, labels and the batch transform that turns a
+    batch of images into classifier inputs (``transform(images, train, generator)``)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    transform: Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -44,6 +54,9 @@ class ClientWork:  # pylint: disable=too-many-instance-attributes
     extra: dict[str, ArrayRecord] = field(default_factory=dict)
     #: Metrics to send back (``*-seconds`` timings among them).
     metrics: dict[str, float] = field(default_factory=dict)
+    #: What local training runs on instead of the client's data, when a part sets it
+    #: (FedLGD trains on virtual data).
+    train_data: TrainingData | None = None
 
 
 class ClientPart:

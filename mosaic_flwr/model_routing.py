@@ -72,6 +72,11 @@ class ModelRouting:
         """The global model this round starts from (slices are cut from it)."""
         self._global_arrays, self._round = arrays, server_round
 
+    @property
+    def round_start(self) -> ArrayRecord:
+        """The global model the current round started from (what its instructions carried)."""
+        return self._global_arrays
+
     def route(self, msg: Message, arrays: ArrayRecord, with_global: bool) -> str:
         """Put the model its node trains into an instruction; the name of what was put.
 
