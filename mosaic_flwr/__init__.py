@@ -20,6 +20,7 @@ _EXPORTS = {
     "FedDFStrategy": ".baselines.feddf",
     "FedFTGStrategy": ".baselines.fedftg",
     "FedGenStrategy": ".baselines.fedgen",
+    "FedLGDStrategy": ".baselines.fedlgd",
     "FedRolexStrategy": ".baselines.heterofl",
     "HeteroFLStrategy": ".baselines.heterofl",
     "ModelSpec": ".models",

@@ -27,8 +27,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from .baselines.fedcog import FedCOGObjective
 from .baselines.fedgen import FedGenObjective
+from .baselines.fedlgd import FedLGDClient
 from .client_models import client_model_spec, global_model_spec, initial_seed
-from .client_part import ClientPart, ClientWork
+from .client_part import ClientPart, ClientWork, TrainingData
 from .config import RunConfig
 from .data import BatchTransform, client_indices, dataset_spec, load_data
 from .faults import InjectedFault, injected_fault
@@ -196,6 +197,7 @@ class LabelCounts(ClientPart):
 OBJECTIVES: dict[str, Callable[[], ClientPart]] = {
     "fedgen": FedGenObjective,
     "fedcog": FedCOGObjective,
+    "fedlgd": FedLGDClient,
     "mosaic-anchor": FinetuneAnchor,
 }
 
@@ -243,8 +245,9 @@ def handle_train(msg: Message, context: Context) -> Message:
                             f"fails round {setup.server_round} on purpose ({fault})")
     parts = client_parts(task)
     regularisers = [r for part in parts if (r := part.before_training(work)) is not None]
+    data = work.train_data or TrainingData(setup.images, setup.labels, setup.transform)
     start = time.monotonic()
-    result = train(setup.model, setup.images, setup.labels, setup.transform,
+    result = train(setup.model, data.images, data.labels, data.transform,
                    train_settings(setup.config, task), setup.device, work.rng,
                    regularisers[0] if regularisers else None)
     work.metrics["train-seconds"] = time.monotonic() - start

@@ -39,6 +39,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "dense": {"strategy": "dense"},
     "feddf": {"strategy": "feddf"},
     "fedcog": {"strategy": "fedcog"},
+    "fedlgd": {"strategy": "fedlgd"},
     "heterofl": {"strategy": "heterofl"},
     "fedrolex": {"strategy": "fedrolex"},
     # Ablations of Mosaic: each switches one part off.
@@ -58,6 +59,7 @@ DESCRIPTIONS = {
     "dense": "DENSE (one-shot: one round of local training, then server synthesis + distillation)",
     "feddf": "FedDF (ensemble distillation every round; inputs per feddf-inputs)",
     "fedcog": "FedCOG (clients synthesise complementary data against the global model)",
+    "fedlgd": "FedLGD (clients train on distilled virtual data, anchored by a global virtual set)",
     "heterofl": "HeteroFL (width sub-models: static slices, averaged slice-wise)",
     "fedrolex": "FedRolex (width sub-models: slices roll one channel per round)",
     "mosaic-no-meta": "Mosaic, meta model off (count-weighted expert ensemble as teacher)",

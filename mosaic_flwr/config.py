@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Mapping
 import yaml
 
 from .baselines.settings import (DenseSettings, FedCOGSettings, FedDFSettings, FedFTGSettings,
-                                 FedGenSettings)
+                                 FedGenSettings, FedLGDSettings)
 from .client_models import assign_client_models, client_models_value, global_model_spec
 from .data.datasets import DATASETS, FOLDER, is_hub_id
 from .data.partition import PARTITIONERS
@@ -56,7 +56,8 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     #: Each method's settings class, by the name of its section (= its key prefix).
     SECTIONS: ClassVar[dict[str, type[MethodSettings]]] = {
         cls.PREFIX: cls for cls in (MosaicSettings, FedGenSettings, FedFTGSettings,
-                                    DenseSettings, FedDFSettings, FedCOGSettings)}
+                                    DenseSettings, FedDFSettings, FedCOGSettings,
+                                    FedLGDSettings)}
 
     preset: str = ""
     strategy: str = "fedavg"
@@ -114,6 +115,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     dense: DenseSettings = field(default_factory=DenseSettings)
     feddf: FedDFSettings = field(default_factory=FedDFSettings)
     fedcog: FedCOGSettings = field(default_factory=FedCOGSettings)
+    fedlgd: FedLGDSettings = field(default_factory=FedLGDSettings)
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -39,6 +39,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "dense": StrategyEntry(".baselines.dense:DenseStrategy", "dense"),
     "feddf": StrategyEntry(".baselines.feddf:FedDFStrategy", "feddf"),
     "fedcog": StrategyEntry(".baselines.fedcog:FedCOGStrategy", "fedcog"),
+    "fedlgd": StrategyEntry(".baselines.fedlgd:FedLGDStrategy", "fedlgd"),
     "heterofl": StrategyEntry(".baselines.heterofl:HeteroFLStrategy"),
     "fedrolex": StrategyEntry(".baselines.heterofl:FedRolexStrategy"),
 }

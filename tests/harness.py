@@ -103,6 +103,10 @@ TINY: dict[str, dict[str, Any]] = {
               "feddf-generator-width": 8, "feddf-generator-latent-dim": 8},
     "fedcog": {**BASE, "strategy": "fedcog", "num-server-rounds": 3, "fedcog-start-round": 3,
                "fedcog-generation-steps": 5, "fedcog-num-samples": 32},
+    # Gradient matching after rounds 1 and 3, refinement before round 3, anchor in round 2.
+    "fedlgd": {**BASE, "strategy": "fedlgd", "num-server-rounds": 3, "fedlgd-server-gap": 2,
+               "fedlgd-client-gap": 2, "fedlgd-images-per-class": 10,
+               "fedlgd-warmup-steps": 20, "fedlgd-client-steps": 5, "fedlgd-server-steps": 10},
     "heterofl": {**BASE, "strategy": "heterofl", "client-models": WIDTHS},
     "fedrolex": {**BASE, "strategy": "fedrolex", "client-models": WIDTHS},
 }

@@ -10,7 +10,8 @@ launcher and the same run config through the README's plain `flwr run` setup
 (they must agree with each other and with the in-process run); one run with
 misbehaving clients; Mosaic with three architectures, killed (kill -9, every
 process) in its distillation round and resumed; and the `compare` command
-(the FedProx run kept from the seeded run, FedGen run). The run with misbehaving
+(the FedProx run kept from the seeded run, a FedLGD run: a server step, records sent
+with every instruction, client state kept across rounds). The run with misbehaving
 clients (FedAvg) reads a user's own data: a generated 5-class imagefolder of 24x24
 RGB images (`dataset='folder'`), decoded once into the data cache and mapped by the
 Ray actors (Mosaic on such a folder under `flwr run`: tests/test_ray_cluster.py).
@@ -320,31 +321,35 @@ def test_a_killed_simulation_resumes_to_the_result_of_one_never_stopped(killed_a
 def test_compare_keeps_a_finished_run_and_writes_one_table_over_methods(seeded_run, tmp_path):
     """compare into a folder that already holds the FedProx run (the seeded run, copied in
     as an earlier sitting would have left it): that run is kept, not repeated; only
-    FedGen runs; the report covers both, on identical partitions."""
+    FedLGD runs; the report covers both, on identical partitions."""
     out = tmp_path / "cmp"
     shutil.copytree(seeded_run.run_dir, out / "runs" / "fedprox-seed1")
     base = " ".join(f"{k}={toml_value(v)}" for k, v in SEEDED.items())
     code = cli_main(["compare", "--methods", "fedprox",
-                     "fedgen:strategy='fedgen' fedgen-generator-steps=20", "--seeds", "1",
+                     "fedlgd:strategy='fedlgd' fedlgd-warmup-steps=20 fedlgd-server-steps=20 "
+                     "fedlgd-client-gap=1 fedlgd-client-steps=5", "--seeds", "1",
                      "--output-dir", str(out), "-c", base])
     assert code == 0
     with (out / "comparison.csv").open(newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [(r["method"], r["seed"], r["status"]) for r in rows] == \
-        [("fedprox", "1", "finished:completed"), ("fedgen", "1", "finished:completed")]
+        [("fedprox", "1", "finished:completed"), ("fedlgd", "1", "finished:completed")]
     kept = json.loads((out / "runs" / "fedprox-seed1" / "summary.json").read_text())
     assert kept == seeded_run.summary  # not run again
     report = (out / "comparison.md").read_text()
     assert "partitions identical across methods for each seed: yes" in report
-    assert "| fedprox | 0.1 |" in report and "| fedgen | 0.1 |" in report
+    assert "| fedprox | 0.1 |" in report and "| fedlgd | 0.1 |" in report
     assert (out / "comparison.png").stat().st_size > 0
-    assert sorted(p.name for p in (out / "runs").iterdir()) == ["fedgen-seed1", "fedprox-seed1"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["fedlgd-seed1", "fedprox-seed1"]
     for row in rows:
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["strategy"] == row["method"]
         assert float(row["final_accuracy"]) == summary["final_accuracy"]
-    # FedGen (a baseline with a server step) trained its generator in every round (its
-    # accuracy after 2 rounds of 1 epoch at Dirichlet 0.1 may still sit at chance).
-    fedgen = metrics_lines(out / "runs" / "fedgen-seed1")
-    assert [m["clients_ok"] for m in fedgen] == [10, 10]
-    assert all(m["generator_loss_last"] < m["generator_loss_first"] for m in fedgen)
+    # FedLGD matched gradients on the server after round 1, anchored round 2, and its
+    # clients refined the virtual data they kept in their node state from round 1.
+    fedlgd = metrics_lines(out / "runs" / "fedlgd-seed1")
+    assert [m["clients_ok"] for m in fedlgd] == [10, 10]
+    assert fedlgd[0]["gradient_match_last"] < fedlgd[0]["gradient_match_first"]
+    assert "gradient_match_first" not in fedlgd[1]
+    assert fedlgd[0]["fedlgd_warmup_seconds_sum"] > 0 == fedlgd[0]["fedlgd_refine_seconds_sum"]
+    assert fedlgd[1]["fedlgd_refine_seconds_sum"] > 0 == fedlgd[1]["fedlgd_warmup_seconds_sum"]

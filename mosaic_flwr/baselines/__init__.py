@@ -12,6 +12,8 @@ Where each method lives (settings for all of them in :mod:`.settings`):
   inputs (a proxy split or client generators);
 - :mod:`.fedcog`: FedCOG (Ye et al. 2024): clients synthesise complementary data
   against the global model; the server is FedAvg;
+- :mod:`.fedlgd`: FedLGD (Huang et al. 2024): clients train on distilled virtual
+  data, anchored by a global virtual set the server updates by gradient matching;
 - :mod:`.heterofl`: HeteroFL (Diao et al. 2021) and FedRolex (Alam et al. 2022):
   width sub-models of the global model, static or rolling slices.
 
