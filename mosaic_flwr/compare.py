@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .results import read_summary, run_status
+from .config import RunConfig
 from .simulation import LocalSuperLink, parse_overrides, resolve_overrides, simulate
 
 #: Named methods: run-config overrides that define each one.
@@ -117,6 +118,7 @@ def plan_comparison(methods: list[Method], seeds: list[int], alphas: list[float 
     from .checkpoint import config_difference  # pylint: disable=import-outside-toplevel
 
     output_dir = output_dir.resolve()
+    defaults = RunConfig().to_mapping()
     plan = []
     for alpha in alphas:
         for seed in seeds:
@@ -131,8 +133,11 @@ def plan_comparison(methods: list[Method], seeds: list[int], alphas: list[float 
                                  output_dir / "runs" / overrides["run-name"])
                 saved = run.run_dir / "config.json"
                 if saved.is_file():
-                    differ = config_difference(json.loads(saved.read_text(encoding="utf-8")),
-                                               config, where="there")
+                    # A key the saved run lacks came with a later version: it ran with
+                    # that key's default (a new method's keys change no other method).
+                    differ = config_difference(
+                        {**defaults, **json.loads(saved.read_text(encoding="utf-8"))},
+                        config, where="there")
                     if differ:
                         raise ValueError(f"{saved} holds a run with other settings ({differ}); "
                                          f"use another --output-dir")
