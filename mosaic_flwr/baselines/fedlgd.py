@@ -33,14 +33,16 @@ input space (the data set's per-channel statistics), and only the server's
 images per class and labels are known to it.
 
 Deviations (each commented where it lives): a client holding fewer real images
-of a class than ``images_per_class`` gets that many virtual ones; the
-siamese augmentation is a shift and flip (the reference's DSA also changes
-colour, scale and rotation and cuts out patches); distribution matching runs
-the network in eval mode (the reference's ConvNet uses instance norm, where
-the mode does not matter); local training uses the run's optimiser, batch size
-and ``local-epochs`` / ``local-steps`` like every other method here; replies are
-weighted by the number of virtual images a client trained on (the reference
-averages uniformly).
+of a class than ``images_per_class`` gets that many virtual ones; the real
+images of a class in a matching step are drawn with replacement (the reference
+draws distinct ones); the siamese augmentation is a shift and flip (the
+reference's DSA also changes colour, scale and rotation and cuts out patches);
+distribution matching runs the network in eval mode (the reference's ConvNet
+uses instance norm, where the mode does not matter); local training uses the
+run's optimiser, batch size and ``local-epochs`` / ``local-steps`` like every
+other method here; replies are weighted by the number of virtual images a
+client trained on (the reference averages uniformly); the warm-up is shorter
+and its image learning rate larger (``FedLGDSettings``).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def mean_feature_distance(embed: Callable[[torch.Tensor], torch.Tensor], real: t
         real_means = class_means(embed(real).float(), real_labels, num_classes)
     virtual_means = class_means(embed(virtual).float(), virtual_labels, num_classes)
     present = torch.bincount(virtual_labels, minlength=num_classes) > 0
-    return (real_means - virtual_means)[present].pow(2).sum()
+    return ((real_means - virtual_means).pow(2).sum(1) * present).sum()  # no mask: no sync
 
 
 def distribution_matching(virtual: torch.Tensor, virtual_labels: torch.Tensor,
