@@ -213,9 +213,11 @@ def _row(run: PlannedRun) -> dict[str, Any]:
     status = {"completed": "finished:completed", "failed": "finished:failed"}.get(
         summary.get("status", ""), "not-finished")
     done = status == "finished:completed"
+    personal = (summary.get("final_personal_accuracy") or {}) if done else {}
     return {"method": run.method.label, "alpha": run.alpha, "seed": run.seed, "status": status,
             "final_accuracy": summary["final_accuracy"] if done else None,
             "best_accuracy": summary["best_accuracy"] if done else None,
+            "personal_mean": personal.get("mean"), "personal_worst10": personal.get("worst10"),
             "wall_seconds": summary["wall_seconds"] if done else None,
             "run_dir": str(run.run_dir)}
 
@@ -293,6 +295,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[Method], base: dict
             runs = f"{len(group['finals'])}" + (f" (+{group['failed']} failed)" if group["failed"] else "")
             secs = f"{statistics.mean(group['seconds']):.0f}" if group["seconds"] else "n/a"
             lines.append(f"| {method.label} | {alpha} | {mean} | {per_seed} | {runs} | {secs} |")
+    lines += personal_table(rows, methods)
     lines += distillation_table(rows)
     lines += ["", "Methods:", ""]
     for method in methods:
@@ -315,6 +318,35 @@ def distillation_rounds(run_dir: str) -> dict[str, Any] | None:
     kept = [line["finetune_kept"] for line in lines if "finetune_kept" in line]
     return {**step, "final": lines[-1].get("accuracy"), "finetune_rounds_kept": sum(kept),
             "finetune_rounds": len(kept)}
+
+
+def personal_table(rows: list[dict[str, Any]], methods: list[Method]) -> list[str]:
+    """Markdown lines: the final global model on each client's own test split (the mean and
+    the worst decile of per-client accuracy), mean ± std over seeds, for the runs that
+    recorded it."""
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("personal_mean") is not None:
+            groups[(row["method"], row["alpha"])].append(row)
+    if not groups:
+        return []
+
+    def spread(values: list[float]) -> str:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.4f} ± {std:.4f}"
+
+    lines = ["", "## Per-client accuracy", "",
+             "The final global model on each client's own test split (the test images divided "
+             "among the clients in their training label proportions).", "",
+             "| method | alpha | per-client mean | worst decile | runs |", "|---|---|---|---|---|"]
+    for alpha in dict.fromkeys(row["alpha"] for row in rows):
+        for method in methods:
+            found = groups.get((method.label, alpha))
+            if found:
+                lines.append(f"| {method.label} | {alpha} | "
+                             f"{spread([r['personal_mean'] for r in found])} | "
+                             f"{spread([r['personal_worst10'] for r in found])} | {len(found)} |")
+    return lines
 
 
 def distillation_table(rows: list[dict[str, Any]]) -> list[str]:

@@ -195,6 +195,7 @@ class RunRecorder:
     def finish(self, status: str = "completed", error: str = "") -> dict[str, Any]:
         """Write ``summary.json`` and ``accuracy.png``; return the summary."""
         accuracies = [r["accuracy"] for r in self.rounds]
+        last = self.rounds[-1] if self.rounds else {}
         config = self.config
         summary = {
             "status": status, "error": error, "run_dir": str(self.run_dir),
@@ -206,6 +207,10 @@ class RunRecorder:
             "initial_accuracy": self.initial["accuracy"] if self.initial else None,
             "final_accuracy": accuracies[-1] if accuracies else None,
             "best_accuracy": max(accuracies) if accuracies else None,
+            # The final global model on each client's personal test split.
+            "final_personal_accuracy": {k: last[f"personal_accuracy_{k}"]
+                                        for k in ("mean", "std", "worst10")
+                                        if f"personal_accuracy_{k}" in last} or None,
             "wall_seconds": time.monotonic() - self._start,
             "setup_seconds": self.setup_seconds,
             "resumed_from_rounds": self.resumed_from,

@@ -10,6 +10,7 @@ from its newest one (:mod:`mosaic_flwr.checkpoint`).
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -26,12 +27,12 @@ from .checkpoint import (latest_checkpoint, load_checkpoint, restore_rng_states,
                          save_final_model, write_checkpoint)
 from .client_models import global_model_spec
 from .config import RunConfig, resolve_run_config
-from .data import BatchTransform, label_counts, load_data, partitions_for
+from .data import BatchTransform, client_test_splits, label_counts, load_data, partitions_for
 from .errors import ConfigError, DatasetUnavailableError, FederationTooSmallError, ResumeError
 from .preflight import check_device, check_output_dir
 from .results import RunRecorder, make_run_dir, run_status
 from .strategies import build_strategy, check_strategy
-from .training import evaluate, evaluate_predictor, select_device
+from .training import evaluate_predictor, fast_layout, score_samples, select_device
 
 
 def load_config(grid: Grid, context: Context) -> RunConfig:
@@ -59,7 +60,8 @@ def wait_for_nodes(grid: Grid, config: RunConfig) -> int:
 
 
 class CentralEvaluator:
-    """Scores global arrays on the held-out test split (Flower's ``evaluate_fn``)."""
+    """Scores global arrays on the held-out test split (Flower's ``evaluate_fn``), as a
+    whole and on each client's personal test split (:func:`~mosaic_flwr.data.client_test_splits`)."""
 
     def __init__(self, config: RunConfig) -> None:
         data = load_data(config)
@@ -69,18 +71,37 @@ class CentralEvaluator:
         self.transform = BatchTransform(data.spec, self.device)
         self.images = torch.from_numpy(data.test_images).to(self.device)  # once, kept compact
         self.labels = torch.from_numpy(data.test_labels).to(self.device)
+        self.client_splits = [torch.from_numpy(split).to(self.device)
+                              for split in client_test_splits(config)]
+        #: The last call's personal accuracy statistics (:func:`personal_accuracy`).
+        self.personal: dict[str, float] = {}
 
     def __call__(self, arrays: ArrayRecord) -> tuple[float, float]:
-        """(loss, accuracy) of the global model described by ``arrays``."""
+        """(loss, accuracy) of the global model described by ``arrays``; the statistics of
+        its accuracy on the clients' personal test splits go to :attr:`personal`."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(self.model, self.images, self.labels, self.transform, self.device,
-                        amp=self.config.amp)
+        fast_layout(self.model.to(self.device)).eval()
+        losses, correct = score_samples(self.model, self.images, self.labels, self.transform,
+                                        self.device, amp=self.config.amp)
+        self.personal = personal_accuracy(correct, self.client_splits)
+        return float(losses.sum()) / len(losses), int(correct.sum()) / len(correct)
 
     def score(self, predict: Callable[[torch.Tensor], torch.Tensor]) -> float:
         """Test accuracy of any predictor, e.g. Mosaic's teacher (reporting only)."""
         _, accuracy = evaluate_predictor(predict, self.images, self.labels, self.transform,
                                          self.device, amp=self.config.amp)
         return accuracy
+
+
+def personal_accuracy(correct: torch.Tensor, splits: list[torch.Tensor]) -> dict[str, float]:
+    """Mean, standard deviation and worst decile (the mean over the lowest-scoring tenth of
+    the clients, at least one) of per-client accuracy, each client scored on its own split
+    (``correct``: per test sample; clients with an empty split are left out)."""
+    accuracies = torch.stack([correct[s].double().mean() for s in splits if len(s)]).cpu()
+    worst = max(1, math.ceil(len(accuracies) / 10))
+    return {"personal_accuracy_mean": float(accuracies.mean()),
+            "personal_accuracy_std": float(accuracies.std(unbiased=False)),
+            "personal_accuracy_worst10": float(accuracies.sort().values[:worst].mean())}
 
 
 def message_config(config: RunConfig) -> ConfigRecord:
@@ -149,7 +170,7 @@ def run_server(grid: Grid, context: Context) -> dict:
             recorder.on_initial(accuracy, loss)
         else:
             stats = getattr(strategy, "round_stats", {}).get(server_round, {})
-            recorder.on_round_end(server_round, accuracy, loss, **stats)
+            recorder.on_round_end(server_round, accuracy, loss, **evaluator.personal, **stats)
             if config.checkpoint_keep:
                 began = time.monotonic()
                 path = write_checkpoint(recorder.run_dir, server_round, checkpoint_payload(

@@ -187,13 +187,21 @@ def evaluate_predictor(predict: Callable[[torch.Tensor], torch.Tensor], images: 
                        batch_size: int = 512, amp: bool = True) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of any predictor (classifier inputs -> logits),
     e.g. a model or Mosaic's teacher over its experts."""
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    losses, correct = score_samples(predict, images, labels, transform, device, batch_size, amp)
+    return float(losses.sum()) / len(labels), int(correct.sum()) / len(labels)
+
+
+@torch.no_grad()
+def score_samples(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                  labels: torch.Tensor, transform: BatchTransform, device: torch.device,
+                  batch_size: int = 512, amp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, on ``device``: the predictor's cross-entropy and whether it is right."""
+    losses, correct = [], []
     for start in range(0, len(labels), batch_size):
         x = transform(images[start:start + batch_size].to(device), train=False)
         y = labels[start:start + batch_size].to(device)
         with autocast(device, amp):
             logits = predict(x)
-        total_loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    return float(total_loss) / len(labels), int(correct) / len(labels)
+        losses.append(nn.functional.cross_entropy(logits.float(), y, reduction="none"))
+        correct.append(logits.argmax(1) == y)
+    return torch.cat(losses), torch.cat(correct)

@@ -54,6 +54,17 @@ def test_report_table_lists_every_method_with_its_spread():
     assert "dirichlet partitions, 10 clients, 20 rounds x 5 local epochs" in report
 
 
+def test_report_has_per_client_accuracy_over_seeds_where_runs_recorded_it():
+    rows = rows_for({"fedavg": [0.4, 0.6], "mosaic": [0.8]})
+    for row, (mean, worst) in zip(rows, [(0.5, 0.2), (0.7, 0.4), (None, None)]):
+        row.update(personal_mean=mean, personal_worst10=worst)  # mosaic: a run from before
+    report = markdown_table(rows, [Method("fedavg", {"strategy": "fedavg"}),
+                                   Method("mosaic", {"strategy": "mosaic"})], {})
+    assert "| fedavg | 0.1 | 0.6000 ± 0.1414 | 0.3000 ± 0.1414 | 2 |" in report
+    assert "| mosaic | 0.1 | 0.8000" in report  # its final accuracy, no per-client row
+    assert report.count("| mosaic | 0.1 |") == 1
+
+
 def test_partition_check_spots_a_difference(tmp_path):
     rows = rows_for({"a": [0.5], "b": [0.5]}, tmp_path)
     for row in rows:

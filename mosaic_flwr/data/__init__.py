@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the run config imports the registries defined in this packa
 
 __all__ = [
     "BatchTransform", "DATASETS", "DatasetSpec", "DatasetUnavailableError", "ImageData",
-    "PARTITIONERS", "client_indices", "dataset_spec", "label_counts", "load_data",
+    "PARTITIONERS", "client_indices", "client_test_splits", "dataset_spec", "label_counts", "load_data",
     "load_dataset", "partition_labels",
     "partitions_for", "proxy_indices",
 ]
@@ -48,6 +48,34 @@ def _proxy_split(num_train: int, seed: int, fraction: float) -> tuple[np.ndarray
 def client_indices(config: RunConfig, partition_id: int) -> np.ndarray:
     """Training indices of one client."""
     return partitions_for(config)[partition_id]
+
+
+def client_test_splits(config: RunConfig) -> list[np.ndarray]:
+    """Each client's personal test split: indices into the test split that follow the
+    client's training label proportions.
+
+    The test images of each class are shuffled (seeded by the run seed) and cut into
+    consecutive pieces, one per client, sized by the client's share of that class's
+    training images (rounded so that every piece is within one image of its exact
+    share). So the splits are disjoint, together hold every test image of every class
+    some client holds, and a client receives ``T_c * n_kc / N_c`` images of class c
+    (``T_c`` test and ``N_c`` training images of the class, ``n_kc`` its own).
+    """
+    data = load_data(config)
+    parts = partitions_for(config)
+    num_classes = data.spec.num_classes
+    counts = np.stack([np.bincount(data.train_labels[p], minlength=num_classes) for p in parts])
+    rng = np.random.default_rng([config.seed, 104729])
+    pieces: list[list[np.ndarray]] = [[] for _ in parts]
+    for c in range(num_classes):
+        total = counts[:, c].sum()
+        if total == 0:
+            continue
+        idx = rng.permutation(np.flatnonzero(data.test_labels == c))
+        bounds = np.rint(np.cumsum(counts[:, c]) / total * len(idx)).astype(int)
+        for k, (start, end) in enumerate(zip(np.concatenate([[0], bounds[:-1]]), bounds)):
+            pieces[k].append(idx[start:end])
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in pieces]
 
 
 # The key lists every input of the partitioning, so no two configs share an entry.
