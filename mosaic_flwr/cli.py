@@ -121,7 +121,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _local_only(args: argparse.Namespace) -> int:
-    from .local_only import local_only, summarise, write_csv  # pylint: disable=import-outside-toplevel
+    from .local_only import (local_only, personal_summary,  # pylint: disable=import-outside-toplevel
+                             summarise, write_csv)
     from .simulation import parse_overrides, resolve_overrides  # pylint: disable=import-outside-toplevel
 
     try:
@@ -138,6 +139,9 @@ def _local_only(args: argparse.Namespace) -> int:
     print("|---|---|---|")
     for model, (mean, spread, count) in summarise(rows).items():
         print(f"| {model} | {mean:.4f} ± {spread:.4f} | {count} |")
+    mean, spread, worst = personal_summary(rows)
+    print(f"each client on its own test split: mean {mean:.4f} ± {spread:.4f} over seeds, "
+          f"worst decile {worst:.4f}")
     print(f"rows: {(args.output_dir / 'local-only.csv').resolve()}")
     return 0
 

@@ -5,7 +5,9 @@ initialisation it would start a federated run from), trains it on its own
 partition for the whole budget of a federated run (``num-server-rounds x
 local-epochs`` epochs, the run's optimiser settings) and is scored on the test
 split. A federated method that does not beat these numbers has not used the
-other clients' data.
+other clients' data. Each client is also scored on its own test split (the one
+that follows its training label proportions, :func:`~mosaic_flwr.data.client_test_splits`),
+the measure of personalised federated learning.
 
 Run it with ``mosaic-flwr local-only -c "preset='...'" --seeds 0 1 2``.
 """
@@ -13,6 +15,7 @@ Run it with ``mosaic-flwr local-only -c "preset='...'" --seeds 0 1 2``.
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -22,13 +25,14 @@ import torch
 from .client import round_seed, train_settings
 from .client_models import client_model_spec, initial_seed
 from .config import RunConfig
-from .data import BatchTransform, client_indices, load_data
+from .data import BatchTransform, client_indices, client_test_splits, load_data
 from .records import TrainTask
 from .training import evaluate, select_device, train
 
 
 def local_only(config: RunConfig) -> list[dict]:
-    """One row per client: its partition id, model, sample count and test accuracy."""
+    """One row per client: its partition id, model, sample count, test accuracy and
+    accuracy on its own test split."""
     data = load_data(config)
     device = select_device(config.device)
     transform = BatchTransform(data.spec, device)
@@ -37,6 +41,7 @@ def local_only(config: RunConfig) -> list[dict]:
         local_epochs=config.num_server_rounds * config.local_epochs,
         local_steps=config.num_server_rounds * config.local_steps))
     rows = []
+    splits = client_test_splits(config)
     for pid in range(config.num_clients):
         spec = client_model_spec(config, pid)
         model = spec.build(data.spec, seed=initial_seed(config, spec))
@@ -46,8 +51,12 @@ def local_only(config: RunConfig) -> list[dict]:
         rng = torch.Generator().manual_seed(round_seed(config, pid, 0))
         train(model, images, labels, transform, settings, device, rng)
         _, accuracy = evaluate(model, test_images, test_labels, transform, device, amp=config.amp)
+        own = torch.from_numpy(splits[pid])
+        _, personal = evaluate(model, test_images[own], test_labels[own], transform, device,
+                               amp=config.amp) if len(own) else (None, None)
         rows.append({"seed": config.seed, "partition-id": pid, "model": str(spec),
-                     "num-examples": len(labels), "accuracy": accuracy})
+                     "num-examples": len(labels), "accuracy": accuracy,
+                     "personal-accuracy": personal})
     return rows
 
 
@@ -63,6 +72,21 @@ def summarise(rows: list[dict]) -> dict[str, tuple[float, float, int]]:
         spread = statistics.stdev(means) if len(means) > 1 else 0.0
         out[model] = (statistics.fmean(means), spread, len(means))
     return out
+
+
+def personal_summary(rows: list[dict]) -> tuple[float, float, float]:
+    """Over seeds: the mean (and its sample std) of the clients' mean accuracy on their own
+    test splits, and the mean of the worst decile (the lowest-scoring tenth of the clients,
+    at least one)."""
+    per_seed: dict[int, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["personal-accuracy"] is not None:
+            per_seed[row["seed"]].append(row["personal-accuracy"])
+    means = [statistics.fmean(v) for v in per_seed.values()]
+    worst = [statistics.fmean(sorted(v)[:max(1, math.ceil(len(v) / 10))])
+             for v in per_seed.values()]
+    return (statistics.fmean(means), statistics.stdev(means) if len(means) > 1 else 0.0,
+            statistics.fmean(worst))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from mosaic_flwr.client_models import assign_client_models, client_model_spec, global_model_spec
 from mosaic_flwr.config import ConfigError, RunConfig, load_preset
 from mosaic_flwr.data import load_dataset
-from mosaic_flwr.local_only import local_only, summarise
+from mosaic_flwr.local_only import local_only, personal_summary, summarise
 from mosaic_flwr.models import ModelSpec
 from mosaic_flwr.mosaic.client import (PROBE_BIAS, PROBE_WEIGHT, PROTOTYPE_LABELS, PROTOTYPES,
                                        probe_head)
@@ -249,6 +249,15 @@ def test_local_only_trains_each_client_model_alone():
     assert [r["model"] for r in rows] == ["cnn@1", "cnn@1", "resnet8@0.5", "resnet18@0.25"]
     assert sum(r["num-examples"] for r in rows) == len(load_dataset("digits").train_labels)
     assert local_only(config) == rows  # seeded: the same numbers again
+    # A model trained on one client's skewed labels does better on that client's own test
+    # split (its classes, in its proportions) than on the whole test split.
+    assert np.mean([r["personal-accuracy"] for r in rows]) > \
+        np.mean([r["accuracy"] for r in rows]) + 0.1
+    other = [{**r, "seed": 1, "personal-accuracy": r["personal-accuracy"] / 2} for r in rows]
+    own = [r["personal-accuracy"] for r in rows]
+    assert personal_summary(rows + other) == pytest.approx(
+        (0.75 * np.mean(own), np.std([np.mean(own), np.mean(own) / 2], ddof=1),
+         0.75 * min(own)))  # 4 clients: the worst decile is the worst client
     summary = summarise(rows + [{**r, "seed": 1, "accuracy": r["accuracy"] / 2} for r in rows])
     cnn = [r["accuracy"] for r in rows if r["model"] == "cnn@1"]
     mean = np.mean(cnn)
