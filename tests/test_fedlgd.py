@@ -229,6 +229,9 @@ def test_the_global_virtual_set_changes_in_the_update_rounds_and_reaches_every_c
              if r.metadata.message_type == "train"}
     assert {r: sorted({v for (rr, _), v in steps.items() if rr == r}) for r in (1, 2, 3)} == \
         {1: [20], 2: [0], 3: [5]}
+    timed = {r: (run.round_stats[r]["fedlgd_warmup_seconds_sum"] > 0,
+                 run.round_stats[r]["fedlgd_refine_seconds_sum"] > 0) for r in (1, 2, 3)}
+    assert timed == {1: (True, False), 2: (False, False), 3: (False, True)}
 
 
 def test_a_node_that_lost_its_virtual_data_builds_it_again_and_its_reply_still_counts():

@@ -383,7 +383,7 @@ class FedLGDClient(ClientPart):
         seconds = time.monotonic() - start
         metrics.update({
             "fedlgd-warmup-seconds": seconds if stored is None else 0.0,
-            "fedlgd-refine-seconds": seconds if stored is not None else 0.0,
+            "fedlgd-refine-seconds": seconds if stored is not None and steps else 0.0,
             "fedlgd-matching-steps": steps, "fedlgd-matching-first": float(first),
             "fedlgd-matching-last": float(last)})
         work.context.state[LOCAL_VIRTUAL_RECORD] = ArrayRecord({
