@@ -51,17 +51,17 @@ def test_distribution_matching_moves_virtual_class_means_to_the_real_ones():
 
     def distance(x):
         return float(mean_feature_distance(judge.features, images, labels, x, virtual_labels, 10))
-    settings = FedLGDSettings(real_batch_size=64)
+    settings = FedLGDSettings(real_batch_size=32)
     # Under freshly initialised networks (the warm-up) ...
     seeds = iter(range(1000))
     warm, first, last = distribution_matching(
-        virtual, virtual_labels, images, labels, lambda: cnn(next(seeds)), 150, settings,
+        virtual, virtual_labels, images, labels, lambda: cnn(next(seeds)), 40, settings,
         DIGITS, rng)
     assert distance(warm) < 0.6 * distance(virtual)
     # ... and under one fixed network (the global model), where it fits that network closely.
     fixed = cnn(7)
     refined, first, last = distribution_matching(
-        virtual, virtual_labels, images, labels, lambda: fixed, 150, settings, DIGITS, rng)
+        virtual, virtual_labels, images, labels, lambda: fixed, 40, settings, DIGITS, rng)
     exact = float(mean_feature_distance(fixed.features, images, labels, refined,
                                         virtual_labels, 10))
     assert exact < 0.2 * float(mean_feature_distance(fixed.features, images, labels, virtual,
