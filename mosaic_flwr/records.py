@@ -162,6 +162,8 @@ class ClientUpload:  # pylint: disable=too-many-instance-attributes
         Mosaic's prototypes and probe head).
     generator : ArrayRecord or None
         The ``generator`` record, when the task asked for one.
+    metrics : dict
+        The reply's scalar metrics (``num-examples``, timings, what a method's part added).
     """
 
     node_id: int
@@ -171,6 +173,7 @@ class ClientUpload:  # pylint: disable=too-many-instance-attributes
     weight: float
     stats: ArrayRecord | None = None
     generator: ArrayRecord | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label_counts(self) -> torch.Tensor:

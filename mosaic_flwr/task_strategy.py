@@ -240,7 +240,8 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
             node_id=msg.metadata.src_node_id, partition_id=reply_partition_id(msg),
             model=self.reply_model(msg), arrays=records[self.arrayrecord_key],
             weight=self.reply_weights([msg])[0], stats=records.get(STATS_RECORD),
-            generator=records.get(GENERATOR_RECORD))
+            generator=records.get(GENERATOR_RECORD),
+            metrics=dict(next(iter(msg.content.metric_records.values()), {})))
 
     @staticmethod
     def label_counts(uploads: list[ClientUpload]) -> torch.Tensor:
