@@ -27,6 +27,7 @@ _EXPORTS = {
     "MosaicSettings": ".mosaic.settings",
     "MosaicStrategy": ".mosaic.strategy",
     "RunConfig": ".config",
+    "SpectralStrategy": ".baselines.spectral",
     "STRATEGIES": ".strategies",
     "TaskStrategy": ".task_strategy",
     "TolerantFedAvg": ".strategies",

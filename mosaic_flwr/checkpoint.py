@@ -22,10 +22,11 @@ goes to ``final_model.pt``. A checkpoint holds:
 Client-side state does not travel: a client's training randomness is derived
 from the run seed, its partition and the round (``round_seed``), so it needs no
 saving. The only state clients keep across rounds is FedCOG's previous local
-model and FedLGD's local virtual images (``context.state``); after a restart of
-the simulation a FedCOG client starts its first round without it and uses the
-received global model in its place, as it does in round 1, and a FedLGD client
-builds its virtual images again as in round 1.
+model, FedLGD's local virtual images and Spectral Co-Distillation's personalised
+model (``context.state``); after a restart of the simulation a FedCOG client
+starts its first round without it and uses the received global model in its
+place, as it does in round 1, a FedLGD client builds its virtual images again
+as in round 1, and a personalised model starts again from the received model.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from .baselines.fedcog import FedCOGObjective
 from .baselines.fedgen import FedGenObjective
 from .baselines.fedlgd import FedLGDClient
+from .baselines.spectral import SpectralClient
 from .client_models import client_model_spec, global_model_spec, initial_seed
 from .client_part import ClientPart, ClientWork, TrainingData
 from .config import RunConfig
@@ -198,6 +199,7 @@ OBJECTIVES: dict[str, Callable[[], ClientPart]] = {
     "fedgen": FedGenObjective,
     "fedcog": FedCOGObjective,
     "fedlgd": FedLGDClient,
+    "spectral": SpectralClient,
     "mosaic-anchor": FinetuneAnchor,
 }
 

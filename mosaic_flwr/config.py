@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Mapping
 import yaml
 
 from .baselines.settings import (DenseSettings, FedCOGSettings, FedDFSettings, FedFTGSettings,
-                                 FedGenSettings, FedLGDSettings)
+                                 FedGenSettings, FedLGDSettings, SpectralSettings)
 from .client_models import assign_client_models, client_models_value, global_model_spec
 from .data.datasets import DATASETS, FOLDER, is_hub_id
 from .data.partition import PARTITIONERS
@@ -57,7 +57,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     SECTIONS: ClassVar[dict[str, type[MethodSettings]]] = {
         cls.PREFIX: cls for cls in (MosaicSettings, FedGenSettings, FedFTGSettings,
                                     DenseSettings, FedDFSettings, FedCOGSettings,
-                                    FedLGDSettings)}
+                                    FedLGDSettings, SpectralSettings)}
 
     preset: str = ""
     strategy: str = "fedavg"
@@ -116,6 +116,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     feddf: FedDFSettings = field(default_factory=FedDFSettings)
     fedcog: FedCOGSettings = field(default_factory=FedCOGSettings)
     fedlgd: FedLGDSettings = field(default_factory=FedLGDSettings)
+    spectral: SpectralSettings = field(default_factory=SpectralSettings)
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -40,6 +40,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "feddf": StrategyEntry(".baselines.feddf:FedDFStrategy", "feddf"),
     "fedcog": StrategyEntry(".baselines.fedcog:FedCOGStrategy", "fedcog"),
     "fedlgd": StrategyEntry(".baselines.fedlgd:FedLGDStrategy", "fedlgd"),
+    "spectral-codistillation": StrategyEntry(".baselines.spectral:SpectralStrategy", "spectral"),
     "heterofl": StrategyEntry(".baselines.heterofl:HeteroFLStrategy"),
     "fedrolex": StrategyEntry(".baselines.heterofl:FedRolexStrategy"),
 }

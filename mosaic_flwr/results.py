@@ -207,10 +207,11 @@ class RunRecorder:
             "initial_accuracy": self.initial["accuracy"] if self.initial else None,
             "final_accuracy": accuracies[-1] if accuracies else None,
             "best_accuracy": max(accuracies) if accuracies else None,
-            # The final global model on each client's personal test split.
-            "final_personal_accuracy": {k: last[f"personal_accuracy_{k}"]
-                                        for k in ("mean", "std", "worst10")
-                                        if f"personal_accuracy_{k}" in last} or None,
+            # The final global model on each client's own test split, and (for methods
+            # that keep them) the clients' personalised models there.
+            **{f"final_{name}": {k: last[f"{name}_{k}"] for k in ("mean", "std", "worst10")
+                                 if f"{name}_{k}" in last} or None
+               for name in ("personal_accuracy", "personalised_accuracy")},
             "wall_seconds": time.monotonic() - self._start,
             "setup_seconds": self.setup_seconds,
             "resumed_from_rounds": self.resumed_from,

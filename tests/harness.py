@@ -107,6 +107,8 @@ TINY: dict[str, dict[str, Any]] = {
     "fedlgd": {**BASE, "strategy": "fedlgd", "num-server-rounds": 3, "fedlgd-server-gap": 2,
                "fedlgd-client-gap": 2, "fedlgd-images-per-class": 10,
                "fedlgd-warmup-steps": 20, "fedlgd-client-steps": 5, "fedlgd-server-steps": 10},
+    "spectral-codistillation": {**BASE, "strategy": "spectral-codistillation",
+                                "num-server-rounds": 3},
     "heterofl": {**BASE, "strategy": "heterofl", "client-models": WIDTHS},
     "fedrolex": {**BASE, "strategy": "fedrolex", "client-models": WIDTHS},
 }

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mosaic_flwr"
 LOOP_MODULES = ("training.py", "kd/distill.py", "kd/generator.py", "kd/ensemble.py",
                 "mosaic/meta.py", "mosaic/client.py", "baselines/dense.py",
                 "baselines/fedcog.py", "baselines/feddf.py", "baselines/fedftg.py",
-                "baselines/fedgen.py", "baselines/fedlgd.py")
+                "baselines/fedgen.py", "baselines/fedlgd.py", "baselines/spectral.py")
 SYNC_FUNCTIONS = {"float", "int", "bool"}
 SYNC_METHODS = {"item", "tolist", "cpu", "numpy"}
 LOOPS = (ast.For, ast.While, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)

@@ -14,6 +14,9 @@ Where each method lives (settings for all of them in :mod:`.settings`):
   against the global model; the server is FedAvg;
 - :mod:`.fedlgd`: FedLGD (Huang et al. 2024): clients train on distilled virtual
   data, anchored by a global virtual set the server updates by gradient matching;
+- :mod:`.spectral`: Spectral Co-Distillation (Chen et al. 2023): personalised
+  models co-distilled with the generic one through their weight spectra (and,
+  with its terms off, FedAvg-FT);
 - :mod:`.heterofl`: HeteroFL (Diao et al. 2021) and FedRolex (Alam et al. 2022):
   width sub-models of the global model, static or rolling slices.
 

@@ -212,3 +212,30 @@ class FedLGDSettings(MethodSettings):
         before training in this round: rounds 1 + gap, ..., 1 + gap * updates."""
         it = server_round - 1
         return 0 < it <= self.client_gap * self.image_updates and it % self.client_gap == 0
+
+
+@dataclass(frozen=True)
+class SpectralSettings(MethodSettings):
+    """Spectral Co-Distillation (jimmyc96/spectral-dis-FL, ``options.py``): personalised
+    models next to the generic one, each regularised towards the other's weight spectrum.
+
+    With both weights and ``proximal`` at 0 and ``keep_personal`` false it is FedAvg
+    followed by local fine-tuning (FedAvg-FT): the personalised model is the received
+    global model trained on the local data each round.
+    """
+
+    PREFIX: ClassVar[str] = "spectral"
+    FRACTIONS: ClassVar[tuple[str, ...]] = ()
+    POSITIVE: ClassVar[tuple[str, ...]] = ("ratio",)
+
+    ratio: float = 0.4  # the leading share of the generic model's spectrum compared (--ratio)
+    generic_weight: float = 0.3  # generic model <- personalised spectrum (--lambda_g)
+    personal_weight: float = 0.4  # personalised model <- generic spectrum (--lambda_l)
+    proximal: float = 0.2  # personalised model: + proximal * ||w_p - w_g|| (--beta)
+    personal_epochs: int = 0  # epochs of the personalised model per round (0: local-epochs)
+    keep_personal: bool = True  # the personalised model persists across rounds (False: FedAvg-FT)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ratio > 1:
+            raise ConfigError(self.key("ratio"), self.ratio, "must be in (0, 1]")
