@@ -181,11 +181,11 @@ class FedLGDSettings(MethodSettings):
     # images of the class (--init; both stay on the client)
     # Distribution matching before the first local training, each step under a freshly
     # initialised network. The reference runs 10,000 steps at image learning rate 1 (SGD,
-    # momentum 0.5, --lr_img); a step costs 50-280 ms per client on MNIST here (one core,
-    # bfloat16 forward passes), so 10,000 would take 10-45 minutes per client. 200 steps
-    # at 10: at 1 the images barely move in 200 steps (a CNN trained on one IID client's
-    # 500 virtual MNIST images: 0.20 test accuracy after 200 steps at 1, 0.53 after 1,000
-    # at 1, 0.66 after 200 at 10, 0.67 at 30, 0.10 at 100; docs/results/fedlgd.md).
+    # momentum 0.5, --lr_img). Here 200 steps took 72 s on the largest of 10 MNIST clients
+    # (330 s summed over them) in the MNIST table's run, so 10,000 would take about an
+    # hour per client. 200 steps at 10: at 1 the images barely move in 200 steps (a CNN
+    # trained on one IID client's 500 virtual MNIST images scores 0.214 after 200 steps
+    # at 1 and 0.625 at 10; its 1,200 real images teach 0.906; docs/results/fedlgd.md).
     warmup_steps: int = 200
     image_lr: float = 10.0  # local distribution matching (warm-up and refinement)
     global_image_lr: float = 1.0  # the server's gradient matching (--lr_img)
