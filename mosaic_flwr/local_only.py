@@ -15,7 +15,6 @@ Run it with ``mosaic-flwr local-only -c "preset='...'" --seeds 0 1 2``.
 from __future__ import annotations
 
 import csv
-import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -27,6 +26,7 @@ from .client_models import client_model_spec, initial_seed
 from .config import RunConfig
 from .data import BatchTransform, client_indices, client_test_splits, load_data
 from .records import TrainTask
+from .results import per_client_summary
 from .training import evaluate, select_device, train
 
 
@@ -82,11 +82,10 @@ def personal_summary(rows: list[dict]) -> tuple[float, float, float]:
     for row in rows:
         if row["personal-accuracy"] is not None:
             per_seed[row["seed"]].append(row["personal-accuracy"])
-    means = [statistics.fmean(v) for v in per_seed.values()]
-    worst = [statistics.fmean(sorted(v)[:max(1, math.ceil(len(v) / 10))])
-             for v in per_seed.values()]
+    seeds = [per_client_summary(v, "personal") for v in per_seed.values()]
+    means = [s["personal_mean"] for s in seeds]
     return (statistics.fmean(means), statistics.stdev(means) if len(means) > 1 else 0.0,
-            statistics.fmean(worst))
+            statistics.fmean(s["personal_worst10"] for s in seeds))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

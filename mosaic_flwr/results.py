@@ -10,12 +10,13 @@ at the end, so strategies never touch files. Every round is appended to
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from datetime import datetime
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from flwr.supercore import log
@@ -124,6 +125,17 @@ class WandbLogger(Callback):
             self.run.summary[key] = summary[key]
         self.run.summary["status"] = summary["status"]
         self.run.finish(exit_code=0 if summary["status"] == "completed" else 1)
+
+
+def per_client_summary(accuracies: Sequence[float], prefix: str) -> dict[str, float]:
+    """``{prefix}_mean``, ``_std`` (over clients) and ``_worst10`` (the mean over the
+    lowest-scoring tenth of the clients, at least one) of per-client accuracies."""
+    ordered = sorted(accuracies)
+    mean = sum(ordered) / len(ordered)
+    worst = ordered[:max(1, math.ceil(len(ordered) / 10))]
+    return {f"{prefix}_mean": mean,
+            f"{prefix}_std": math.sqrt(sum((a - mean) ** 2 for a in ordered) / len(ordered)),
+            f"{prefix}_worst10": sum(worst) / len(worst)}
 
 
 class RunRecorder:

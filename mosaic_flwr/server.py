@@ -10,7 +10,6 @@ from its newest one (:mod:`mosaic_flwr.checkpoint`).
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -30,7 +29,7 @@ from .config import RunConfig, resolve_run_config
 from .data import BatchTransform, client_test_splits, label_counts, load_data, partitions_for
 from .errors import ConfigError, DatasetUnavailableError, FederationTooSmallError, ResumeError
 from .preflight import check_device, check_output_dir
-from .results import RunRecorder, make_run_dir, run_status
+from .results import RunRecorder, make_run_dir, per_client_summary, run_status
 from .strategies import build_strategy, check_strategy
 from .training import evaluate_predictor, fast_layout, score_samples, select_device
 
@@ -94,14 +93,11 @@ class CentralEvaluator:
 
 
 def personal_accuracy(correct: torch.Tensor, splits: list[torch.Tensor]) -> dict[str, float]:
-    """Mean, standard deviation and worst decile (the mean over the lowest-scoring tenth of
-    the clients, at least one) of per-client accuracy, each client scored on its own split
-    (``correct``: per test sample; clients with an empty split are left out)."""
-    accuracies = torch.stack([correct[s].double().mean() for s in splits if len(s)]).cpu()
-    worst = max(1, math.ceil(len(accuracies) / 10))
-    return {"personal_accuracy_mean": float(accuracies.mean()),
-            "personal_accuracy_std": float(accuracies.std(unbiased=False)),
-            "personal_accuracy_worst10": float(accuracies.sort().values[:worst].mean())}
+    """:func:`~mosaic_flwr.results.per_client_summary` of per-client accuracy
+    (``personal_accuracy_*``), each client scored on its own split (``correct``: per test
+    sample; clients with an empty split are left out)."""
+    accuracies = torch.stack([correct[s].double().mean() for s in splits if len(s)])
+    return per_client_summary(accuracies.cpu().tolist(), "personal_accuracy")
 
 
 def message_config(config: RunConfig) -> ConfigRecord:

@@ -45,7 +45,6 @@ personalised model's accuracy among them), as under FedAvg.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Callable
 
@@ -58,6 +57,7 @@ from ..config import RunConfig
 from ..data import client_test_splits, load_data
 from ..models import Classifier
 from ..records import ClientUpload, TrainTask
+from ..results import per_client_summary
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
 from ..training import Regulariser, TrainSettings, evaluate, train
 from .settings import SpectralSettings
@@ -151,17 +151,9 @@ class SpectralStrategy(TaskStrategy):
     def server_step(self, server_round: int, uploads: list[ClientUpload], arrays: ArrayRecord
                     ) -> tuple[ArrayRecord, dict[str, float]]:
         """The average stays the global model; the personalised models' scores are recorded."""
-        scores = sorted(u.metrics["personal-accuracy"] for u in uploads
-                        if u.metrics.get("personal-accuracy", -1.0) >= 0)
-        if not scores:
-            return arrays, {}
-        mean = sum(scores) / len(scores)
-        worst = scores[:max(1, math.ceil(len(scores) / 10))]
-        return arrays, {
-            "personalised_accuracy_mean": mean,
-            "personalised_accuracy_std": math.sqrt(sum((s - mean) ** 2 for s in scores)
-                                                   / len(scores)),
-            "personalised_accuracy_worst10": sum(worst) / len(worst)}
+        scores = [u.metrics["personal-accuracy"] for u in uploads
+                  if u.metrics.get("personal-accuracy", -1.0) >= 0]
+        return arrays, per_client_summary(scores, "personalised_accuracy") if scores else {}
 
 
 class SpectralClient(ClientPart):
