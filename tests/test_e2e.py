@@ -11,7 +11,8 @@ launcher and the same run config through the README's plain `flwr run` setup
 misbehaving clients; Mosaic with three architectures, killed (kill -9, every
 process) in its distillation round and resumed; and the `compare` command
 (the FedProx run kept from the seeded run, a FedLGD run: a server step, records sent
-with every instruction, client state kept across rounds). The run with misbehaving
+with every instruction, client state kept across rounds; a Spectral Co-Distillation
+run: personalised models kept in node state and scored on each client's own split). The run with misbehaving
 clients (FedAvg) reads a user's own data: a generated 5-class imagefolder of 24x24
 RGB images (`dataset='folder'`), decoded once into the data cache and mapped by the
 Ray actors (Mosaic on such a folder under `flwr run`: tests/test_ray_cluster.py).
@@ -327,20 +328,23 @@ def test_compare_keeps_a_finished_run_and_writes_one_table_over_methods(seeded_r
     base = " ".join(f"{k}={toml_value(v)}" for k, v in SEEDED.items())
     code = cli_main(["compare", "--methods", "fedprox",
                      "fedlgd:strategy='fedlgd' fedlgd-warmup-steps=20 fedlgd-server-steps=20 "
-                     "fedlgd-client-gap=1 fedlgd-client-steps=5", "--seeds", "1",
+                     "fedlgd-client-gap=1 fedlgd-client-steps=5", "spectral-codistillation",
+                     "--seeds", "1",
                      "--output-dir", str(out), "-c", base])
     assert code == 0
     with (out / "comparison.csv").open(newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [(r["method"], r["seed"], r["status"]) for r in rows] == \
-        [("fedprox", "1", "finished:completed"), ("fedlgd", "1", "finished:completed")]
+        [("fedprox", "1", "finished:completed"), ("fedlgd", "1", "finished:completed"),
+         ("spectral-codistillation", "1", "finished:completed")]
     kept = json.loads((out / "runs" / "fedprox-seed1" / "summary.json").read_text())
     assert kept == seeded_run.summary  # not run again
     report = (out / "comparison.md").read_text()
     assert "partitions identical across methods for each seed: yes" in report
     assert "| fedprox | 0.1 |" in report and "| fedlgd | 0.1 |" in report
     assert (out / "comparison.png").stat().st_size > 0
-    assert sorted(p.name for p in (out / "runs").iterdir()) == ["fedlgd-seed1", "fedprox-seed1"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["fedlgd-seed1", "fedprox-seed1",
+                                                             "spectral-codistillation-seed1"]
     for row in rows:
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["strategy"] == row["method"]
@@ -353,3 +357,10 @@ def test_compare_keeps_a_finished_run_and_writes_one_table_over_methods(seeded_r
     assert "gradient_match_first" not in fedlgd[1]
     assert fedlgd[0]["fedlgd_warmup_seconds_sum"] > 0 == fedlgd[0]["fedlgd_refine_seconds_sum"]
     assert fedlgd[1]["fedlgd_refine_seconds_sum"] > 0 == fedlgd[1]["fedlgd_warmup_seconds_sum"]
+    # Spectral Co-Distillation: every client's personalised model, kept in its node state
+    # across rounds, scored on the client's own test split; the report shows their figures.
+    spectral = metrics_lines(out / "runs" / "spectral-codistillation-seed1")
+    for line in spectral:
+        assert line["clients_ok"] == 10
+        assert 0 < line["personalised_accuracy_worst10"] <= line["personalised_accuracy_mean"]
+    assert "## Per-client accuracy" in report and "| spectral-codistillation | 0.1 |" in report
