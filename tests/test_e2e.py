@@ -12,8 +12,8 @@ misbehaving clients; Mosaic with three architectures, killed (kill -9, every
 process) in its distillation round and resumed; and the `compare` command
 (the FedProx run kept from the seeded run, a FedLGD run: a server step, records sent
 with every instruction, client state kept across rounds; a Spectral Co-Distillation
-run: personalised models kept in node state and scored on each client's own split). The run with misbehaving
-clients (FedAvg) reads a user's own data: a generated 5-class imagefolder of 24x24
+run: personalised models kept in node state and scored on each client's own
+split). The run with misbehaving clients (FedAvg) reads a user's own data: a generated 5-class imagefolder of 24x24
 RGB images (`dataset='folder'`), decoded once into the data cache and mapped by the
 Ray actors (Mosaic on such a folder under `flwr run`: tests/test_ray_cluster.py).
 """
