@@ -29,6 +29,7 @@ def test_personal_test_splits_follow_each_clients_training_labels_and_are_disjoi
     test_counts = np.bincount(data.test_labels, minlength=10)
     joined = np.concatenate(splits)
     assert len(joined) == len(set(joined.tolist())) == len(data.test_labels)  # disjoint, whole
+    assert 0 <= joined.min() and joined.max() < len(data.test_labels)  # test images only
     for k, split in enumerate(splits):
         got = np.bincount(data.test_labels[split], minlength=10)
         exact = test_counts * train_counts[k] / train_counts.sum(0)
