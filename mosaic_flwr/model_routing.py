@@ -22,7 +22,7 @@ from .aggregation import array_signature, average_arrays
 from .models import Classifier, ModelSpec
 from .records import CLIENT_RECORD, GLOBAL_MODEL_RECORD, GROUP_MODEL_PREFIX, ClientUpload
 from .submodels import aggregate_submodels, submodel_indices
-from .training import fast_layout
+from .training import frozen
 
 
 class ModelRouting:
@@ -196,7 +196,7 @@ class ModelRouting:
         for upload in uploads:
             model = self.build_model(upload.model)
             model.load_state_dict(upload.arrays.to_torch_state_dict())
-            models.append(fast_layout(model.to(self.device)).eval().requires_grad_(False))
+            models.append(frozen(model, self.device))
         return models
 
     def global_model(self, arrays: ArrayRecord) -> Classifier:

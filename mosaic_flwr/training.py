@@ -92,6 +92,13 @@ def fast_layout(module: nn.Module) -> nn.Module:
     return module.to(memory_format=torch.channels_last)
 
 
+def frozen(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` (in place) on ``device``, channels-last (:func:`fast_layout`), in eval
+    mode and taking no gradients: a teacher, an anchor, a network whose features are
+    matched. Gradients still flow through it to its input."""
+    return fast_layout(model.to(device)).eval().requires_grad_(False)
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """What one call of :func:`train` does."""

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from ..client_part import ClientPart, ClientWork
 from ..data.augment import BatchTransform
 from ..records import LABEL_COUNTS, STATS_RECORD, label_counts_array
-from ..training import Regulariser, fast_layout
+from ..training import Regulariser, fast_layout, frozen
 from .prototypes import prototype_centres
 from .settings import MosaicSettings
 
@@ -157,8 +157,7 @@ class FinetuneAnchor(ClientPart):
         settings = MosaicSettings.from_mapping(work.task.settings)
         if settings.finetune_anchor == 0:
             return None
-        anchor = fast_layout(copy.deepcopy(work.setup.model).to(work.setup.device))
-        anchor.eval().requires_grad_(False)
+        anchor = frozen(copy.deepcopy(work.setup.model), work.setup.device)
         weight, temperature = settings.finetune_anchor, settings.temperature
 
         def regulariser(model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # pylint: disable=unused-argument
