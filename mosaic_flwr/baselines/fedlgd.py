@@ -62,7 +62,7 @@ from ..data.datasets import DatasetSpec, dataset_spec
 from ..models import Classifier
 from ..records import ClientUpload, TrainTask
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
-from ..training import Regulariser, autocast, fast_layout
+from ..training import Regulariser, autocast, fast_layout, frozen
 from .settings import FedLGDSettings
 
 #: The instruction record with the global virtual set (``images``, ``labels``).
@@ -177,12 +177,12 @@ def fresh_networks(build: Callable[[int], Classifier], count: int, device: torch
     """A new, frozen, freshly initialised network at each call (``build(seed)``), for
     ``count`` calls, seeded from ``rng``."""
     seeds = iter(torch.randint(0, 2**31 - 1, (count,), generator=rng).tolist())
-    return lambda: fast_layout(build(next(seeds)).to(device)).eval().requires_grad_(False)
+    return lambda: frozen(build(next(seeds)), device)
 
 
 def fixed_network(model: Classifier, device: torch.device) -> Callable[[], Classifier]:
     """``model``, frozen, at every call."""
-    model = fast_layout(model.to(device)).eval().requires_grad_(False)
+    model = frozen(model, device)
     return lambda: model
 
 
@@ -353,11 +353,12 @@ class FedLGDClient(ClientPart):
     def before_training(self, work: ClientWork) -> Regulariser | None:
         setup, rng, metrics = work.setup, work.rng, work.metrics
         settings = FedLGDSettings.from_mapping(work.task.settings)
-        device, spec = setup.device, setup.spec
-        images = setup.transform.normalise(setup.images)
-        labels = setup.labels
+        device, spec, labels = setup.device, setup.spec, setup.labels
         start = time.monotonic()
         stored = setup.context.state.array_records.get(LOCAL_VIRTUAL_RECORD)
+        refine = bool(work.task.settings.get("refine", False))
+        # The real images are read only to build or refine the virtual ones.
+        images = setup.transform.normalise(setup.images) if stored is None or refine else None
         if stored is None:  # first round on this node (or after a restart: built anew)
             counts = torch.bincount(labels, minlength=spec.num_classes).clamp_max(
                 settings.images_per_class)
@@ -369,7 +370,7 @@ class FedLGDClient(ClientPart):
         else:
             virtual = torch.from_numpy(stored["images"].numpy()).to(device)
             virtual_labels = torch.from_numpy(stored["labels"].numpy()).to(device)
-            steps = settings.client_steps if work.task.settings.get("refine", False) else 0
+            steps = settings.client_steps if refine else 0
             # A copy: for a client of the global architecture it is the model it trains.
             network = (fixed_network(copy.deepcopy(setup.global_model(work.msg)), device)
                        if steps else None)
