@@ -30,7 +30,7 @@ from .baselines.fedgen import FedGenObjective
 from .baselines.fedlgd import FedLGDClient
 from .baselines.spectral import SpectralClient
 from .client_models import client_model_spec, global_model_spec, initial_seed
-from .client_part import ClientPart, ClientWork, TrainingData
+from .client_part import ClientPart, ClientWork, TrainingData, train_settings
 from .config import RunConfig
 from .data import BatchTransform, client_indices, dataset_spec, load_data
 from .faults import InjectedFault, injected_fault
@@ -41,7 +41,7 @@ from .node import NodeSettings
 from .records import (CLIENT_RECORD, GLOBAL_MODEL_RECORD, GROUP_MODEL_PREFIX, STATS_RECORD,
                       TrainTask, label_counts_record)
 from .submodels import extract_submodel, submodel_indices
-from .training import TrainSettings, evaluate, select_device, train
+from .training import evaluate, select_device, train
 
 #: Keys the strategy adds to the run config in every message.
 TRANSPORT_KEYS = ("server-round",)
@@ -169,21 +169,6 @@ class LocalSetup:  # pylint: disable=too-many-instance-attributes
         self.node.log({"message": msg.metadata.message_type, "server-round": self.server_round,
                        "run-id": msg.metadata.run_id, **metrics})
         return Message(content, reply_to=msg)
-
-
-def train_settings(config: RunConfig, task: TrainTask | None = None) -> TrainSettings:
-    """Local-training settings for a task; the proximal term is on only for FedProx.
-
-    A task's own ``local_steps`` or ``local_epochs`` wins over the run's; otherwise
-    ``local-steps`` (when > 0) replaces ``local-epochs``."""
-    task = task or TrainTask()
-    steps = task.local_steps or (0 if task.local_epochs else config.local_steps)
-    return TrainSettings(
-        epochs=task.local_epochs or config.local_epochs, steps=steps, batch_size=config.batch_size,
-        learning_rate=config.learning_rate * task.learning_rate_scale, momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
-        augment=config.augment, amp=config.amp)
 
 
 class LabelCounts(ClientPart):

@@ -10,6 +10,8 @@ method keeps its part in its own module (Mosaic's statistics in
 :mod:`mosaic_flwr.mosaic.client`, FedGen's and FedCOG's objectives in theirs,
 the generator upload in :mod:`mosaic_flwr.kd.upload`); the task record says
 which parts a round needs (:func:`mosaic_flwr.client.client_parts`).
+:func:`train_settings` turns a task into local-training settings, for the
+pipeline and for parts that train a second model (Spectral Co-Distillation).
 """
 
 from __future__ import annotations
@@ -21,10 +23,26 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 
 from .records import TrainTask
-from .training import Regulariser
+from .training import Regulariser, TrainSettings
 
 if TYPE_CHECKING:
     from .client import LocalSetup
+    from .config import RunConfig
+
+
+def train_settings(config: RunConfig, task: TrainTask | None = None) -> TrainSettings:
+    """Local-training settings for a task; the proximal term is on only for FedProx.
+
+    A task's own ``local_steps`` or ``local_epochs`` wins over the run's; otherwise
+    ``local-steps`` (when > 0) replaces ``local-epochs``."""
+    task = task or TrainTask()
+    steps = task.local_steps or (0 if task.local_epochs else config.local_steps)
+    return TrainSettings(
+        epochs=task.local_epochs or config.local_epochs, steps=steps, batch_size=config.batch_size,
+        learning_rate=config.learning_rate * task.learning_rate_scale, momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
+        augment=config.augment, amp=config.amp)
 
 
 @dataclass(frozen=True)

@@ -225,14 +225,13 @@ class SpectralSettings(MethodSettings):
     """
 
     PREFIX: ClassVar[str] = "spectral"
-    FRACTIONS: ClassVar[tuple[str, ...]] = ()
     POSITIVE: ClassVar[tuple[str, ...]] = ("ratio",)
 
     ratio: float = 0.4  # the leading share of the generic model's spectrum compared (--ratio)
     generic_weight: float = 0.3  # generic model <- personalised spectrum (--lambda_g)
     personal_weight: float = 0.4  # personalised model <- generic spectrum (--lambda_l)
     proximal: float = 0.2  # personalised model: + proximal * ||w_p - w_g|| (--beta)
-    personal_epochs: int = 0  # epochs of the personalised model per round (0: local-epochs)
+    personal_epochs: int = 0  # personalised model's epochs per round (0: as the generic one)
     keep_personal: bool = True  # the personalised model persists across rounds (False: FedAvg-FT)
 
     def validate(self) -> None:

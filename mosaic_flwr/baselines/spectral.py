@@ -52,14 +52,14 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from ..client_part import ClientPart, ClientWork
+from ..client_part import ClientPart, ClientWork, train_settings
 from ..config import RunConfig
 from ..data import client_test_splits, load_data
 from ..models import Classifier
 from ..records import ClientUpload, TrainTask
 from ..results import per_client_summary
 from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
-from ..training import Regulariser, TrainSettings, evaluate, train
+from ..training import Regulariser, evaluate, frozen, train
 from .settings import SpectralSettings
 
 #: The node-state record that keeps a client's personalised model (it never leaves the node).
@@ -168,7 +168,7 @@ class SpectralClient(ClientPart):
     def before_training(self, work: ClientWork) -> Regulariser | None:
         setup = work.setup
         self.settings = settings = SpectralSettings.from_mapping(work.task.settings)
-        self.received = copy.deepcopy(setup.model).to(setup.device).eval().requires_grad_(False)
+        self.received = frozen(copy.deepcopy(setup.model), setup.device)
         stored = setup.context.state.array_records.get(PERSONAL_MODEL_RECORD)
         self.personal = copy.deepcopy(setup.model)
         if stored is not None and settings.keep_personal:
@@ -190,10 +190,7 @@ class SpectralClient(ClientPart):
         start = time.monotonic()
         config = setup.config
         train(self.personal, setup.images, setup.labels, setup.transform,
-              TrainSettings(epochs=settings.personal_epochs or config.local_epochs,
-                            batch_size=config.batch_size, learning_rate=config.learning_rate,
-                            momentum=config.momentum, weight_decay=config.weight_decay,
-                            augment=config.augment, amp=config.amp),
+              train_settings(config, TrainTask(local_epochs=settings.personal_epochs)),
               setup.device, work.rng, personal_regulariser(self.received, settings))
         if settings.keep_personal:
             work.context.state[PERSONAL_MODEL_RECORD] = ArrayRecord(
