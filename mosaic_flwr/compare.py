@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .results import read_summary, run_status
 from .config import RunConfig
+from .results import read_summary, run_status
 from .simulation import LocalSuperLink, parse_overrides, resolve_overrides, simulate
 
 #: Named methods: run-config overrides that define each one.
@@ -333,9 +333,9 @@ def distillation_rounds(run_dir: str) -> dict[str, Any] | None:
 
 
 def personal_table(rows: list[dict[str, Any]], methods: list[Method]) -> list[str]:
-    """Markdown lines: the final global model on each client's own test split (the mean and
-    the worst decile of per-client accuracy), mean ± std over seeds, for the runs that
-    recorded it."""
+    """Markdown lines: each client's accuracy on its own test split (its personalised model
+    where the method keeps one, else the final global model; the rows' ``personal_*``),
+    the mean and the worst decile, mean ± std over seeds, for the runs that recorded it."""
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row.get("personal_mean") is not None:

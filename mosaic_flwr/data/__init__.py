@@ -17,8 +17,8 @@ if TYPE_CHECKING:  # the run config imports the registries defined in this packa
 
 __all__ = [
     "BatchTransform", "DATASETS", "DatasetSpec", "DatasetUnavailableError", "ImageData",
-    "PARTITIONERS", "client_indices", "client_test_splits", "dataset_spec", "label_counts", "load_data",
-    "load_dataset", "partition_labels",
+    "PARTITIONERS", "client_indices", "client_test_splits", "dataset_spec", "label_counts",
+    "load_data", "load_dataset", "partition_labels",
     "partitions_for", "proxy_indices",
 ]
 
