@@ -29,6 +29,8 @@
 #                        `client-models` entry, or the global model)
 #   --log-dir DIR        where the node appends one JSON line per message it
 #                        answered (default: DIR/nodes/NAME/logs)
+#   --state-dir DIR      where the node saves what it keeps between rounds, so a
+#                        resumed run continues it (default: DIR/nodes/NAME/state)
 #   --foreground         run in this terminal instead of in the background
 #
 # In the background (the default) it waits until the SuperLink has accepted the
@@ -38,7 +40,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 name=""; superlink="127.0.0.1:9092"; state="deploy-state"; ca=""; key=""; port=""
-pid_=""; nparts=""; data_path=""; device=""; threads=""; model=""; log_dir=""; foreground=0; extra=()
+pid_=""; nparts=""; data_path=""; device=""; threads=""; model=""; log_dir=""; state_dir=""; foreground=0; extra=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --name) name="$2"; shift 2 ;;
@@ -54,6 +56,7 @@ while [[ $# -gt 0 ]]; do
         --threads) threads="$2"; shift 2 ;;
         --model) model="$2"; shift 2 ;;
         --log-dir) log_dir="$2"; shift 2 ;;
+        --state-dir) state_dir="$2"; shift 2 ;;
         --foreground) foreground=1; shift ;;
         --) shift; extra=("$@"); break ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -69,6 +72,7 @@ state="$(abspath "$state")"
 ca="$(abspath "${ca:-$state/certificates/ca.crt}")"
 key="$(abspath "${key:-$state/keys/$name}")"
 log_dir="$(abspath "${log_dir:-$state/nodes/$name/logs}")"
+state_dir="$(abspath "${state_dir:-$state/nodes/$name/state}")"
 [[ -f "$ca" ]] || die "CA certificate $ca not found (copy ca.crt from the SuperLink's machine)"
 [[ -f "$key" ]] || die "private key $key not found; make it with: python deploy/make_supernode_keys.py $name"
 
@@ -82,7 +86,7 @@ fi
 [[ -n "$device" ]] && node_config+=" device='$device'"
 [[ -n "$threads" ]] && node_config+=" num-threads=$threads"
 [[ -n "$model" ]] && node_config+=" model='$model'"
-node_config+=" log-dir='$log_dir'"
+node_config+=" log-dir='$log_dir' state-dir='$state_dir'"
 
 prepare_state "$state"
 node_dir="$state/nodes/$name"

@@ -19,14 +19,14 @@ goes to ``final_model.pt``. A checkpoint holds:
 - ``rng``: the ServerApp process's global random states (``random``, numpy,
   torch).
 
-Client-side state does not travel: a client's training randomness is derived
-from the run seed, its partition and the round (``round_seed``), so it needs no
-saving. The only state clients keep across rounds is FedCOG's previous local
-model, FedLGD's local virtual images and Spectral Co-Distillation's personalised
-model (``context.state``); after a restart of the simulation a FedCOG client
-starts its first round without it and uses the received global model in its
-place, as it does in round 1, a FedLGD client builds its virtual images again
-as in round 1, and a personalised model starts again from the received model.
+Client-side state does not travel to the server: a client's training randomness
+is derived from the run seed, its partition and the round (``round_seed``), so
+it needs no saving. What clients keep across rounds in ``context.state``
+(FedCOG's previous local model, FedLGD's local virtual images, Spectral
+Co-Distillation's personalised model) each node saves itself after every round,
+where it runs (:mod:`mosaic_flwr.node_state`), and loads again when a resumed
+run reaches it; with ``node-state='memory'`` it is lost in a restart and starts
+afresh as in round 1.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ FINAL_MODEL = "final_model.pt"
 #: Run-config keys a resumed run may set differently: where results go and how the
 #: run is watched, never what it computes.
 MAY_CHANGE = frozenset({"resume-from", "output-dir", "run-name", "checkpoint-keep",
-                        "node-wait-timeout", "round-timeout", "server-threads", "wandb",
-                        "wandb-project", "wandb-mode"})
+                        "node-wait-timeout", "round-timeout", "server-threads", "node-state",
+                        "wandb", "wandb-project", "wandb-mode"})
 
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import functools
 import time
+from logging import INFO
 from typing import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore import log
 
 from .baselines.fedcog import FedCOGObjective
 from .baselines.fedgen import FedGenObjective
@@ -38,13 +40,14 @@ from .kd.upload import GeneratorUpload
 from .models import Classifier, ModelSpec
 from .mosaic.client import FinetuneAnchor, MosaicStatistics
 from .node import NodeSettings
+from .node_state import restore_state, save_state, state_folder
 from .records import (CLIENT_RECORD, GLOBAL_MODEL_RECORD, GROUP_MODEL_PREFIX, STATS_RECORD,
                       TrainTask, label_counts_record)
 from .submodels import extract_submodel, submodel_indices
 from .training import evaluate, select_device, train
 
-#: Keys the strategy adds to the run config in every message.
-TRANSPORT_KEYS = ("server-round",)
+#: Keys the strategy and the ServerApp add to the run config in every message.
+TRANSPORT_KEYS = ("server-round", "run-folder")
 
 
 def config_from_message(msg: Message) -> RunConfig:
@@ -96,7 +99,10 @@ class LocalSetup:  # pylint: disable=too-many-instance-attributes
         self.node = NodeSettings.from_node_config(context.node_config, config)
         self.config = self.node.apply(config)
         self.partition_id = self.node.partition_id
-        self.server_round = int(msg.content.config_records["config"].get("server-round", 0))
+        sent = msg.content.config_records["config"]
+        self.server_round = int(sent.get("server-round", 0))
+        self.state_folder = state_folder(self.config, str(sent.get("run-folder", "")),
+                                         self.node.state_dir, self.partition_id)
         torch.set_num_threads(self.config.num_threads)
         self.device = select_device(self.config.device)
         self.spec = dataset_spec(self.config, self.node.data_path or None)
@@ -218,6 +224,11 @@ def handle_train(msg: Message, context: Context) -> Message:
     start = time.monotonic()
     task = TrainTask.from_message(msg)
     setup = LocalSetup(msg, context, task)
+    if setup.state_folder is not None:
+        restored = restore_state(setup.state_folder, setup.server_round, context.state)
+        if restored is not None:
+            log(INFO, "partition %d: node state of round %d restored from %s",
+                setup.partition_id, restored, setup.state_folder)
     torch.manual_seed(setup.seed)
     work = ClientWork(msg, context, task, setup, torch.Generator().manual_seed(setup.seed))
     # Config, data (loaded and partitioned on a process's first message), model.
@@ -240,6 +251,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     work.metrics["train-seconds"] = time.monotonic() - start
     for part in parts:
         part.after_training(work)
+    if setup.state_folder is not None:
+        save_state(setup.state_folder, setup.server_round, context.state,
+                   keep=config.checkpoint_keep + 1)
     work.metrics.update({"num-examples": result.num_examples, "train-loss": result.loss,
                          "train-accuracy": result.accuracy})
     if fault == "nan":

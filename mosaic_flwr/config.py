@@ -41,6 +41,9 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("", "online", "offline", "disabled")
+#: ``node-state``: also saved in the run folder, or kept in ``context.state`` only
+#: (:mod:`mosaic_flwr.node_state`).
+NODE_STATE_MODES = ("run-folder", "memory")
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     run_name: str = ""
     checkpoint_keep: int = 2  # checkpoints kept in the run folder (newest first); 0: none
     resume_from: str = ""  # a run folder to continue from its last checkpoint
+    node_state: str = "run-folder"  # where clients also save what they keep between rounds
     wandb: bool = False
     wandb_project: str = "mosaic-flwr"
     wandb_mode: str = ""
@@ -190,6 +194,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         _one_of("partitioner", self.partitioner, PARTITIONERS)
         _one_of("model", self.model, MODELS)
         _one_of("wandb-mode", self.wandb_mode, WANDB_MODES)
+        _one_of("node-state", self.node_state, NODE_STATE_MODES)
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             raise ConfigError("device", self.device, "must be one of auto, cpu, cuda, cuda:N")
         _positive("dirichlet-alpha", self.dirichlet_alpha)

@@ -14,7 +14,10 @@ message). A SuperNode's ``--node-config`` holds what differs between machines:
   instead of its ``client-models`` entry; the strategy must combine it with
   the global model (:mod:`mosaic_flwr.client_models`);
 - ``log-dir``: an absolute folder where the node appends one JSON line per
-  message it answered (``client-<partition-id>.jsonl``).
+  message it answered (``client-<partition-id>.jsonl``);
+- ``state-dir``: an absolute folder on the node where it saves what it keeps
+  between rounds, so that a resumed run continues it
+  (:mod:`mosaic_flwr.node_state`; default: the server's run folder).
 
 Example: ``flower-supernode ... --node-config "partition-id=0 num-partitions=3
 device='cuda:1' num-threads=4 log-dir='/var/log/mosaic'"``.
@@ -34,7 +37,7 @@ from .models import ModelSpec
 
 #: The node_config keys a SuperNode may set.
 NODE_KEYS = ("partition-id", "num-partitions", "data-path", "device", "num-threads", "log-dir",
-             "model")
+             "model", "state-dir")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class NodeSettings:
     num_threads: int = 0
     log_dir: str = ""
     model: str = ""
+    state_dir: str = ""
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any], config: RunConfig) -> "NodeSettings":
@@ -70,16 +74,18 @@ class NodeSettings:
         threads = int(node.get("num-threads", 0))
         if "num-threads" in node and threads < 1:
             raise ValueError(f"node_config num-threads={threads}: must be >= 1")
-        log_dir = str(node.get("log-dir", ""))
-        if log_dir and not Path(log_dir).is_absolute():
-            raise ValueError(f"node_config log-dir={log_dir!r}: must be an absolute path")
+        folders = {key: str(node.get(key, "")) for key in ("log-dir", "state-dir")}
+        for key, folder in folders.items():
+            if folder and not Path(folder).is_absolute():
+                raise ValueError(f"node_config {key}={folder!r}: must be an absolute path")
         model = str(node.get("model", ""))
         if model:
             try:
                 ModelSpec.parse(model)
             except ValueError as err:
                 raise ValueError(f"node_config model={model!r}: {err}") from None
-        return cls(pid, str(node.get("data-path", "")), device, threads, log_dir, model)
+        return cls(pid, str(node.get("data-path", "")), device, threads, folders["log-dir"], model,
+                   folders["state-dir"])
 
     def apply(self, config: RunConfig) -> RunConfig:
         """The run config as this node runs it (its device and thread count win; both

@@ -100,13 +100,18 @@ def personal_accuracy(correct: torch.Tensor, splits: list[torch.Tensor]) -> dict
     return per_client_summary(accuracies.cpu().tolist(), "personal_accuracy")
 
 
-def message_config(config: RunConfig) -> ConfigRecord:
+def message_config(config: RunConfig, run_dir: Path | None = None) -> ConfigRecord:
     """What every instruction carries of the run config (the ``config`` ConfigRecord).
 
     Only the core keys: a method's settings travel in the ``task`` record of the
-    rounds that need them (:class:`~mosaic_flwr.records.TrainTask`).
+    rounds that need them (:class:`~mosaic_flwr.records.TrainTask`). With
+    ``run_dir``, also ``run-folder``: where the nodes' state is saved, or under
+    which name (:mod:`mosaic_flwr.node_state`).
     """
-    return ConfigRecord(config.core_mapping())
+    values = config.core_mapping()
+    if run_dir is not None:
+        values["run-folder"] = str(run_dir.resolve())
+    return ConfigRecord(values)
 
 
 def server_threads(config: RunConfig) -> int:
@@ -185,8 +190,8 @@ def run_server(grid: Grid, context: Context) -> dict:
             initial_arrays=initial_arrays,
             num_rounds=config.num_server_rounds,
             timeout=config.round_timeout,
-            train_config=message_config(config),
-            evaluate_config=message_config(config),
+            train_config=message_config(config, recorder.run_dir),
+            evaluate_config=message_config(config, recorder.run_dir),
             evaluate_fn=evaluate_fn,
             first_round=first_round,
         )

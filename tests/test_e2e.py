@@ -34,6 +34,7 @@ from harness import run_inline, write_imagefolder
 
 from mosaic_flwr.cli import main as cli_main
 from mosaic_flwr.config import load_preset
+from mosaic_flwr.node_state import saved_rounds
 from mosaic_flwr.simulation import FLOWER_ENV, LocalSuperLink, free_port, simulate, toml_value
 
 pytestmark = pytest.mark.e2e
@@ -364,3 +365,8 @@ def test_compare_keeps_a_finished_run_and_writes_one_table_over_methods(seeded_r
         assert line["clients_ok"] == 10
         assert 0 < line["personalised_accuracy_worst10"] <= line["personalised_accuracy_mean"]
     assert "## Per-client accuracy" in report and "| spectral-codistillation | 0.1 |" in report
+    # Each node also saved that state in the run folder, for a resumed run (node-state).
+    for method in ("fedlgd", "spectral-codistillation"):
+        saved = out / "runs" / f"{method}-seed1" / "node-state"
+        assert sorted(p.name for p in saved.iterdir()) == [f"client-{i}" for i in range(10)]
+        assert all(saved_rounds(saved / f"client-{i}") == [1, 2] for i in range(10))

@@ -21,6 +21,7 @@ from mosaic_flwr import checkpoint
 from mosaic_flwr.checkpoint import (latest_checkpoint, load_checkpoint, save_atomic,
                                     write_checkpoint)
 from mosaic_flwr.errors import ResumeError
+from mosaic_flwr.node_state import saved_rounds
 
 #: Mosaic over 4 rounds: warm-up rounds 1-2, distillation in round 3, fine-tuning round 4.
 MOSAIC4 = {**TINY["mosaic"], "num-server-rounds": 4, "mosaic-warmup-rounds": 2}
@@ -37,6 +38,12 @@ CASES = {
     # distilled student as the one before, so it is kept and fine-tuning is checked.
     "mosaic-trust": {**MOSAIC4, "mosaic-trust": True, "mosaic-finetune-anchor": 1.0,
                      "client-models": "0-1:cnn,2-3:resnet8@0.25", "mosaic-distill-lr": 1e-9},
+    # Client state kept between rounds (node-state, saved in the run folder): FedCOG's
+    # previous local model, FedLGD's virtual images, Spectral's personalised models.
+    "fedcog": TINY["fedcog"],
+    "fedlgd": TINY["fedlgd"],
+    "spectral": TINY["spectral-codistillation"],
+    "spectral-memory": {**TINY["spectral-codistillation"], "node-state": "memory"},
 }
 assert not MOSAIC["mosaic-trust"]
 
@@ -81,6 +88,9 @@ def _metrics(run_dir: Path) -> list[dict]:
     ("mosaic", (2, 3)),  # before the distillation round
     ("mosaic", (3, 4)),  # in it: while clients train their generators
     ("mosaic-trust", (4, 2)),  # after it, in the fine-tuning round its clients judge
+    ("fedcog", (3, 3)),  # the round that synthesises against the previous local models
+    ("fedlgd", (3, 2)),  # the round that refines the virtual images
+    ("spectral", (3, 2)),
 ])
 def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(
         case, crash_at, tmp_path, uninterrupted):
@@ -106,6 +116,20 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(
         assert got[-1]["federated_check_clients"] == 4
     kept = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     assert kept == [f"round-{r:05d}.pt" for r in (rounds - 1, rounds)]  # checkpoint-keep=2
+    if case in ("fedcog", "fedlgd", "spectral"):  # each node's state: the newest 3 rounds
+        for pid in range(CASES[case]["num-clients"]):
+            assert saved_rounds(resumed / "node-state" / f"client-{pid}") == [1, 2, 3]
+
+
+def test_without_saved_node_state_a_resumed_run_starts_the_personalised_models_afresh(
+        tmp_path, uninterrupted):
+    """The control for the cases above: with ``node-state='memory'`` the personalised
+    models of rounds 1-2 are lost in the crash and the resumed round 3 differs."""
+    resumed = crash_and_resume("spectral-memory", tmp_path, (3, 2))
+    expected, got = _metrics(uninterrupted("spectral")), _metrics(resumed)
+    assert not (resumed / "node-state").exists()
+    assert [r["loss"] for r in got][:2] == [r["loss"] for r in expected][:2]
+    assert got[2]["loss"] != expected[2]["loss"]
 
 
 @pytest.fixture(scope="module")
