@@ -16,6 +16,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "ConfigError": ".errors",
     "DenseStrategy": ".baselines.dense",
+    "DittoStrategy": ".baselines.ditto",
     "FedCOGStrategy": ".baselines.fedcog",
     "FedDFStrategy": ".baselines.feddf",
     "FedFTGStrategy": ".baselines.fedftg",

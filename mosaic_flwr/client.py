@@ -30,6 +30,7 @@ from flwr.supercore import log
 from .baselines.fedcog import FedCOGObjective
 from .baselines.fedgen import FedGenObjective
 from .baselines.fedlgd import FedLGDClient
+from .baselines.ditto import DittoClient
 from .baselines.spectral import SpectralClient
 from .client_models import client_model_spec, global_model_spec, initial_seed
 from .client_part import ClientPart, ClientWork, TrainingData, train_settings
@@ -191,6 +192,7 @@ OBJECTIVES: dict[str, Callable[[], ClientPart]] = {
     "fedcog": FedCOGObjective,
     "fedlgd": FedLGDClient,
     "spectral": SpectralClient,
+    "ditto": DittoClient,
     "mosaic-anchor": FinetuneAnchor,
 }
 

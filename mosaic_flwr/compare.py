@@ -42,6 +42,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedcog": {"strategy": "fedcog"},
     "fedlgd": {"strategy": "fedlgd"},
     "spectral-codistillation": {"strategy": "spectral-codistillation"},
+    "ditto": {"strategy": "ditto"},
     # FedAvg, then each client fine-tunes the received model on its data (personalised FL's
     # reference row): Spectral Co-Distillation with every term off, nothing kept.
     "fedavg-ft": {"strategy": "spectral-codistillation", "spectral-generic-weight": 0.0,
@@ -69,6 +70,7 @@ DESCRIPTIONS = {
     "fedlgd": "FedLGD (clients train on distilled virtual data, anchored by a global virtual set)",
     "spectral-codistillation": "Spectral Co-Distillation (personalised models, co-distilled "
                                "with the generic one through weight spectra)",
+    "ditto": "Ditto (personalised models tied to the global one by a proximal term)",
     "fedavg-ft": "FedAvg + local fine-tuning of the received model (personalised reference)",
     "heterofl": "HeteroFL (width sub-models: static slices, averaged slice-wise)",
     "fedrolex": "FedRolex (width sub-models: slices roll one channel per round)",

@@ -24,8 +24,9 @@ from typing import Any, ClassVar, Mapping
 
 import yaml
 
-from .baselines.settings import (DenseSettings, FedCOGSettings, FedDFSettings, FedFTGSettings,
-                                 FedGenSettings, FedLGDSettings, SpectralSettings)
+from .baselines.settings import (DenseSettings, DittoSettings, FedCOGSettings, FedDFSettings,
+                                 FedFTGSettings, FedGenSettings, FedLGDSettings,
+                                 SpectralSettings)
 from .client_models import assign_client_models, client_models_value, global_model_spec
 from .data.datasets import DATASETS, FOLDER, is_hub_id
 from .data.partition import PARTITIONERS
@@ -60,7 +61,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     SECTIONS: ClassVar[dict[str, type[MethodSettings]]] = {
         cls.PREFIX: cls for cls in (MosaicSettings, FedGenSettings, FedFTGSettings,
                                     DenseSettings, FedDFSettings, FedCOGSettings,
-                                    FedLGDSettings, SpectralSettings)}
+                                    FedLGDSettings, SpectralSettings, DittoSettings)}
 
     preset: str = ""
     strategy: str = "fedavg"
@@ -121,6 +122,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     fedcog: FedCOGSettings = field(default_factory=FedCOGSettings)
     fedlgd: FedLGDSettings = field(default_factory=FedLGDSettings)
     spectral: SpectralSettings = field(default_factory=SpectralSettings)
+    ditto: DittoSettings = field(default_factory=DittoSettings)
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -41,6 +41,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fedcog": StrategyEntry(".baselines.fedcog:FedCOGStrategy", "fedcog"),
     "fedlgd": StrategyEntry(".baselines.fedlgd:FedLGDStrategy", "fedlgd"),
     "spectral-codistillation": StrategyEntry(".baselines.spectral:SpectralStrategy", "spectral"),
+    "ditto": StrategyEntry(".baselines.ditto:DittoStrategy", "ditto"),
     "heterofl": StrategyEntry(".baselines.heterofl:HeteroFLStrategy"),
     "fedrolex": StrategyEntry(".baselines.heterofl:FedRolexStrategy"),
 }

@@ -109,6 +109,7 @@ TINY: dict[str, dict[str, Any]] = {
                "fedlgd-warmup-steps": 20, "fedlgd-client-steps": 5, "fedlgd-server-steps": 10},
     "spectral-codistillation": {**BASE, "strategy": "spectral-codistillation",
                                 "num-server-rounds": 3},
+    "ditto": {**BASE, "strategy": "ditto", "num-server-rounds": 3},
     "heterofl": {**BASE, "strategy": "heterofl", "client-models": WIDTHS},
     "fedrolex": {**BASE, "strategy": "fedrolex", "client-models": WIDTHS},
 }

@@ -17,6 +17,8 @@ Where each method lives (settings for all of them in :mod:`.settings`):
 - :mod:`.spectral`: Spectral Co-Distillation (Chen et al. 2023): personalised
   models co-distilled with the generic one through their weight spectra (and,
   with its terms off, FedAvg-FT);
+- :mod:`.ditto`: Ditto (Li et al. 2021): personalised models tied to the global
+  one by a proximal term (both personalised methods share :mod:`.personalised`);
 - :mod:`.heterofl`: HeteroFL (Diao et al. 2021) and FedRolex (Alam et al. 2022):
   width sub-models of the global model, static or rolling slices.
 

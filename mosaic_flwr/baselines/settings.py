@@ -238,3 +238,14 @@ class SpectralSettings(MethodSettings):
         super().validate()
         if self.ratio > 1:
             raise ConfigError(self.key("ratio"), self.ratio, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class DittoSettings(MethodSettings):
+    """Ditto (Li et al. 2021, litian96/ditto): a personalised model per client, trained
+    with ``(proximal / 2) ||v - w||^2`` towards the received global model."""
+
+    PREFIX: ClassVar[str] = "ditto"
+
+    proximal: float = 0.1  # the paper's lambda (its grid: 0.01, 0.1, 1, 2)
+    personal_epochs: int = 0  # personalised model's epochs per round (0: as the global one)

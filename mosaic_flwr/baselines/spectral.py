@@ -39,31 +39,19 @@ Deviations from the reference code, with the reason:
   method here (the reference: SGD lr 0.03, momentum 0.5, batch 8, 5 epochs).
 
 What leaves a client: the generic model's weights and scalar metrics (its
-personalised model's accuracy among them), as under FedAvg.
+personalised model's accuracy among them), as under FedAvg. The machinery
+shared with Ditto (keeping, training and scoring the personalised model; the
+server's records) is in :mod:`.personalised`.
 """
 
 from __future__ import annotations
 
-import copy
-import time
-from typing import Callable
-
 import torch
-from flwr.app import ArrayRecord
 from torch import nn
 
-from ..client_part import ClientPart, ClientWork, train_settings
-from ..config import RunConfig
-from ..data import client_test_splits, load_data
-from ..models import Classifier
-from ..records import ClientUpload, TrainTask
-from ..results import per_client_summary
-from ..task_strategy import ScoreFn, TaskStrategy, model_fn_for, server_options
-from ..training import Regulariser, evaluate, frozen, train
+from ..training import Regulariser
+from .personalised import PersonalisedClient, PersonalisedStrategy
 from .settings import SpectralSettings
-
-#: The node-state record that keeps a client's personalised model (it never leaves the node).
-PERSONAL_MODEL_RECORD = "spectral-personal-model"
 
 
 def weight_spectrum(model: nn.Module) -> torch.Tensor:
@@ -101,82 +89,32 @@ def weight_distance(model: nn.Module, reference: list[torch.Tensor]) -> torch.Te
     return torch.sqrt(squares + 1e-12)
 
 
-def personal_regulariser(generic: nn.Module, settings: SpectralSettings) -> Regulariser | None:
-    """The personalised model's terms: its spectrum towards the generic model's, and the
-    proximal distance to the generic weights (None when both weights are 0)."""
-    if settings.personal_weight == 0 and settings.proximal == 0:
-        return None
-    teacher = weight_spectrum(generic).detach()
-    reference = [p.detach().float() for p in generic.parameters()]
+class SpectralStrategy(PersonalisedStrategy):
+    """Spectral Co-Distillation's server: FedAvg of the generic models, plus the clients'
+    personalised scores (:class:`~.personalised.PersonalisedStrategy`; ``settings``:
+    :class:`SpectralSettings`)."""
 
-    def regulariser(model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # pylint: disable=unused-argument
-                    logits: torch.Tensor) -> torch.Tensor:
-        return (settings.personal_weight * spectral_divergence(model, teacher)
-                + settings.proximal * weight_distance(model, reference))
-
-    return regulariser
+    SETTINGS = SpectralSettings
+    SECTION = "spectral"
+    OBJECTIVE = "spectral"
 
 
-class SpectralStrategy(TaskStrategy):
-    """Spectral Co-Distillation's server: FedAvg of the generic models; each round also
-    records the clients' personalised models' accuracy on their own test splits
-    (``personalised_accuracy_mean`` / ``_std`` / ``_worst10``).
+class SpectralClient(PersonalisedClient):
+    """Spectral Co-Distillation's client part: each model's term pulls its weight spectrum
+    towards the other model's; the personalised model also towards the generic weights."""
 
-    Parameters
-    ----------
-    model_fn : Callable[[], Classifier]
-        Builds the global (generic) model.
-    settings : SpectralSettings (default: SpectralSettings())
-    **kwargs
-        Passed to :class:`~mosaic_flwr.task_strategy.TaskStrategy` and FedAvg.
-    """
+    SETTINGS = SpectralSettings
+    settings: SpectralSettings
 
-    def __init__(self, model_fn: Callable[[], Classifier],
-                 settings: SpectralSettings | None = None, **kwargs) -> None:
-        super().__init__(model_fn, **kwargs)
-        self.settings = settings or SpectralSettings()
-        self.settings.check()
+    def keeps_personal(self) -> bool:
+        return self.settings.keep_personal
 
-    @classmethod
-    def from_config(cls, config: RunConfig, score_fn: ScoreFn | None = None,
-                    **kwargs) -> "SpectralStrategy":
-        """The strategy for a run config."""
-        return cls(model_fn_for(config), config.spectral, **server_options(config, score_fn),
-                   **kwargs)
-
-    def task_for(self, server_round: int) -> TrainTask:
-        """Both models are trained every round."""
-        return TrainTask(objective="spectral", settings=self.settings.to_mapping())
-
-    def server_step(self, server_round: int, uploads: list[ClientUpload], arrays: ArrayRecord
-                    ) -> tuple[ArrayRecord, dict[str, float]]:
-        """The average stays the global model; the personalised models' scores are recorded."""
-        scores = [u.metrics["personal-accuracy"] for u in uploads
-                  if u.metrics.get("personal-accuracy", -1.0) >= 0]
-        return arrays, per_client_summary(scores, "personalised_accuracy") if scores else {}
-
-
-class SpectralClient(ClientPart):
-    """Spectral Co-Distillation's client part: the generic model's spectral term before
-    training; the personalised model's training, storage and score after it."""
-
-    def __init__(self) -> None:
-        self.settings = SpectralSettings()
-        self.personal: Classifier | None = None
-        self.received: Classifier | None = None
-
-    def before_training(self, work: ClientWork) -> Regulariser | None:
-        setup = work.setup
-        self.settings = settings = SpectralSettings.from_mapping(work.task.settings)
-        self.received = frozen(copy.deepcopy(setup.model), setup.device)
-        stored = setup.context.state.array_records.get(PERSONAL_MODEL_RECORD)
-        self.personal = copy.deepcopy(setup.model)
-        if stored is not None and settings.keep_personal:
-            self.personal.load_state_dict(stored.to_torch_state_dict())
-        work.metrics["spectral-personal-kept"] = float(stored is not None)
+    def generic_term(self, device: torch.device) -> Regulariser | None:
+        settings = self.settings
         if settings.generic_weight == 0:
             return None
-        teacher = weight_spectrum(self.personal.to(setup.device)).detach()
+        assert self.personal is not None
+        teacher = weight_spectrum(self.personal.to(device)).detach()
 
         def regulariser(model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # pylint: disable=unused-argument
                         logits: torch.Tensor) -> torch.Tensor:
@@ -184,31 +122,20 @@ class SpectralClient(ClientPart):
 
         return regulariser
 
-    def after_training(self, work: ClientWork) -> None:
-        setup, settings = work.setup, self.settings
-        assert self.personal is not None and self.received is not None
-        start = time.monotonic()
-        config = setup.config
-        train(self.personal, setup.images, setup.labels, setup.transform,
-              train_settings(config, TrainTask(local_epochs=settings.personal_epochs)),
-              setup.device, work.rng, personal_regulariser(self.received, settings))
-        if settings.keep_personal:
-            work.context.state[PERSONAL_MODEL_RECORD] = ArrayRecord(
-                {k: v.detach().cpu()  # host read: the model's state, once per round
-                 for k, v in self.personal.state_dict().items()})
-        images, labels = own_test_split(setup)
-        work.metrics["personal-accuracy"] = (
-            evaluate(self.personal, images, labels, setup.transform, setup.device,
-                     amp=config.amp)[1] if len(labels) else -1.0)
-        work.metrics["spectral-personal-seconds"] = time.monotonic() - start
+    def personal_term(self) -> Regulariser | None:
+        """The personalised model's terms: its spectrum towards the received generic
+        model's, and the proximal distance to the generic weights (None when both weights
+        are 0)."""
+        settings = self.settings
+        if settings.personal_weight == 0 and settings.proximal == 0:
+            return None
+        assert self.received is not None
+        teacher = weight_spectrum(self.received).detach()
+        reference = [p.detach().float() for p in self.received.parameters()]
 
+        def regulariser(model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # pylint: disable=unused-argument
+                        logits: torch.Tensor) -> torch.Tensor:
+            return (settings.personal_weight * spectral_divergence(model, teacher)
+                    + settings.proximal * weight_distance(model, reference))
 
-def own_test_split(setup) -> tuple[torch.Tensor, torch.Tensor]:
-    """This client's own test split: its share of the run's test split
-    (:func:`~mosaic_flwr.data.client_test_splits`), or a node's own data's test split."""
-    if setup.node.data_path:
-        data = load_data(setup.config, setup.node.data_path)
-        return torch.from_numpy(data.test_images), torch.from_numpy(data.test_labels)
-    data = load_data(setup.config)
-    split = torch.from_numpy(client_test_splits(setup.config)[setup.partition_id])
-    return torch.from_numpy(data.test_images)[split], torch.from_numpy(data.test_labels)[split]
+        return regulariser

@@ -1,6 +1,7 @@
-"""Spectral Co-Distillation: the spectral term on small models, then the strategy in-process
-(personalised models kept in the node state, scored on each client's own test split;
-FedAvg-FT as the same method with its terms off)."""
+"""The personalised methods: Spectral Co-Distillation's spectral term and Ditto's proximal
+term on small models, then both strategies in-process (personalised models kept in the node
+state, scored on each client's own test split; FedAvg-FT as Spectral with its terms off;
+Ditto's global model is FedAvg's)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 from harness import TINY, partition_id, run_inline
 from torch import nn
 
-from mosaic_flwr.baselines.spectral import (PERSONAL_MODEL_RECORD, spectral_divergence,
-                                            weight_spectrum)
+from mosaic_flwr.baselines.ditto import DittoClient
+from mosaic_flwr.baselines.personalised import PERSONAL_MODEL_RECORD
+from mosaic_flwr.baselines.settings import DittoSettings
+from mosaic_flwr.baselines.spectral import spectral_divergence, weight_spectrum
 from mosaic_flwr.compare import METHODS
 from mosaic_flwr.data.datasets import DATASETS
 from mosaic_flwr.models import ModelSpec
@@ -63,15 +66,33 @@ def test_the_spectral_term_is_zero_when_spectra_agree_and_falls_under_its_own_gr
         assert divergence(target, ratio) < float(before.detach())
 
 
-def test_personalised_models_stay_on_the_node_and_are_scored_on_its_own_split(tiny_run):
-    run = tiny_run("spectral-codistillation")
+def test_dittos_term_pulls_the_personalised_weights_towards_the_global_ones():
+    personal, global_ = small(0), small(1)
+    client = DittoClient()
+    client.settings, client.received = DittoSettings(proximal=0.5), global_
+    term = client.personal_term()
+    x, y = torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    value = term(personal, x, y, torch.zeros(2, 5))
+    grads = torch.autograd.grad(value, list(personal.parameters()))
+    diffs = [p.detach() - g.detach() for p, g in zip(personal.parameters(), global_.parameters())]
+    assert float(value) == pytest.approx(0.25 * sum(float(d.pow(2).sum()) for d in diffs))
+    for grad, diff in zip(grads, diffs):  # the gradient of (lambda/2)||v - w||^2: lambda (v - w)
+        torch.testing.assert_close(grad, 0.5 * diff)
+    assert float(term(global_, x, y, torch.zeros(2, 5))) == 0.0
+    client.settings = DittoSettings(proximal=0.0)
+    assert client.personal_term() is None
+
+
+@pytest.mark.parametrize("method", ["spectral-codistillation", "ditto"])
+def test_personalised_models_stay_on_the_node_and_are_scored_on_its_own_split(method, tiny_run):
+    run = tiny_run(method)
     for reply in run.grid.replies:
         assert set(reply.content.array_records) == {"arrays"}  # the generic model only
     kept = {}
     for msg, reply in zip(run.grid.sent, run.grid.replies):
         metrics = reply.content.metric_records["metrics"]
         kept.setdefault(int(msg.content.config_records["config"]["server-round"]), []).append(
-            metrics["spectral-personal-kept"])
+            metrics["personal-model-kept"])
         assert 0 <= metrics["personal-accuracy"] <= 1
     assert kept == {1: [0.0] * 4, 2: [1.0] * 4, 3: [1.0] * 4}
     keys = set(ModelSpec.parse("cnn").build(DIGITS).state_dict())
@@ -88,11 +109,20 @@ def test_personalised_models_stay_on_the_node_and_are_scored_on_its_own_split(ti
     assert len({partition_id(r) for r in run.grid.replies}) == 4
 
 
-def test_fedavg_ft_trains_the_global_model_as_fedavg_and_keeps_nothing():
+@pytest.fixture(scope="module")
+def fedavg3():
+    """FedAvg over the personalised methods' three tiny rounds."""
+    return run_inline({**TINY["fedavg"], "num-server-rounds": 3})
+
+
+def test_dittos_global_model_is_fedavgs(tiny_run, fedavg3):
+    assert tiny_run("ditto").accuracies == fedavg3.accuracies
+
+
+def test_fedavg_ft_trains_the_global_model_as_fedavg_and_keeps_nothing(fedavg3):
     overrides = {k: v for k, v in METHODS["fedavg-ft"].items()}
     ft = run_inline({**TINY["spectral-codistillation"], **overrides})
-    fedavg = run_inline({**TINY["fedavg"], "num-server-rounds": 3})
-    assert ft.accuracies == fedavg.accuracies
+    assert ft.accuracies == fedavg3.accuracies
     assert all(PERSONAL_MODEL_RECORD not in c.state.array_records
                for c in ft.grid.contexts.values())
     assert all(0 < ft.round_stats[r]["personalised_accuracy_mean"] <= 1 for r in (1, 2, 3))
