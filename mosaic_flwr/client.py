@@ -27,10 +27,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
+from .baselines.ditto import DittoClient
 from .baselines.fedcog import FedCOGObjective
 from .baselines.fedgen import FedGenObjective
 from .baselines.fedlgd import FedLGDClient
-from .baselines.ditto import DittoClient
 from .baselines.spectral import SpectralClient
 from .client_models import client_model_spec, global_model_spec, initial_seed
 from .client_part import ClientPart, ClientWork, TrainingData, train_settings
