@@ -30,7 +30,7 @@ def test_issue_keys_exist_with_their_names():
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("strategy", "fedsgd", "strategy='fedsgd': must be one of dense, fedavg, fedcog, feddf, fedftg"),
+    ("strategy", "fedsgd", "strategy='fedsgd': must be one of dense, ditto, fedavg, fedcog, feddf, fedftg"),
     ("dataset", "imagenet", "dataset='imagenet': must be one of"),
     ("model", "vgg", "model='vgg': must be one of cnn, resnet18, resnet8"),
     ("partitioner", "shards", "partitioner='shards': must be one of"),
