@@ -78,7 +78,7 @@ def test_dittos_term_pulls_the_personalised_weights_towards_the_global_ones():
     assert float(value.detach()) == pytest.approx(0.25 * sum(float(d.pow(2).sum()) for d in diffs))
     for grad, diff in zip(grads, diffs):  # the gradient of (lambda/2)||v - w||^2: lambda (v - w)
         torch.testing.assert_close(grad, 0.5 * diff)
-    assert float(term(global_, x, y, torch.zeros(2, 5))) == 0.0
+    assert float(term(global_, x, y, torch.zeros(2, 5)).detach()) == 0.0
     client.settings = DittoSettings(proximal=0.0)
     assert client.personal_term() is None
 
