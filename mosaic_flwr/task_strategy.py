@@ -24,12 +24,14 @@ prototypes) extends :meth:`~TaskStrategy.stats_problem`.
 from __future__ import annotations
 
 from dataclasses import replace
+from logging import WARNING
 from typing import Any, Callable, Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
 from torch import nn
 
 from .aggregation import (TolerantAggregation, array_signature, arrays_problem, reply_partition_id,
@@ -227,8 +229,15 @@ class TaskStrategy(ModelRouting, TolerantAggregation, FedAvg):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed * 1_000_003 + server_round)
+            averaged = arrays
             arrays, step_stats = self.server_step(server_round, [self.decode(m) for m in usable],
                                                   arrays)
+        if averaged is not None and arrays is not averaged:
+            problem = arrays_problem(arrays, array_signature(averaged))
+            if problem:  # a diverged server step must not become every client's start
+                log(WARNING, "round %d: the server step's model is refused (%s); the average "
+                    "of the replies is the global model", server_round, problem)
+                arrays, step_stats = averaged, {**step_stats, "server_step_refused": 1.0}
         stats.update(step_stats)
         return arrays, metrics
 

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from harness import TINY
+from harness import TINY, run_inline
 from torch import nn
 
 from mosaic_flwr.config import RunConfig
 from mosaic_flwr.aggregation import TolerantFedAvg, screen_replies, train_reply_problem
+from mosaic_flwr.baselines.personalised import PersonalisedStrategy
 from mosaic_flwr.data import DATASETS
 from mosaic_flwr.errors import NotEnoughRepliesError
 from mosaic_flwr.kd.generator import build_generator
@@ -130,3 +131,21 @@ def test_a_model_without_features_and_head_is_refused_at_construction():
     with pytest.raises(TypeError, match=r"model_fn: the model Net needs a features\(x\) method.*"
                                         r"a linear classifier `head`.*an integer `feature_dim`"):
         MosaicStrategy(Net, lambda: build_generator(DATASETS["digits"], MosaicSettings().generator))
+
+
+def test_a_server_step_that_diverges_is_refused_and_the_average_kept(monkeypatch):
+    """A server step whose model holds NaN (a diverged distillation) is refused: the
+    round's average becomes the global model and the round records the refusal."""
+    def diverged(self, server_round, uploads, arrays):  # pylint: disable=unused-argument
+        state = arrays.to_torch_state_dict()
+        if server_round == 2:
+            state = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v
+                     for k, v in state.items()}
+        return ArrayRecord(state), {}
+
+    monkeypatch.setattr(PersonalisedStrategy, "server_step", diverged)
+    run = run_inline(TINY["ditto"])  # Ditto's global model is FedAvg's
+    fedavg = run_inline({**TINY["fedavg"], "num-server-rounds": 3})
+    assert run.round_stats[2]["server_step_refused"] == 1.0
+    assert "server_step_refused" not in run.round_stats[1]
+    assert run.accuracies == fedavg.accuracies
