@@ -92,6 +92,12 @@ def fast_layout(module: nn.Module) -> nn.Module:
     return module.to(memory_format=torch.channels_last)
 
 
+def squared_distance(model: nn.Module, reference: list[torch.Tensor]) -> torch.Tensor:
+    """``||w - w_ref||^2`` over the model's parameters (float32; differentiable in ``w``):
+    FedProx's and Ditto's proximal terms, Spectral Co-Distillation's distance."""
+    return sum((p.float() - r).pow(2).sum() for p, r in zip(model.parameters(), reference))
+
+
 def frozen(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` (in place) on ``device``, channels-last (:func:`fast_layout`), in eval
     mode and taking no gradients: a teacher, an anchor, a network whose features are
@@ -165,9 +171,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 if regulariser is not None:
                     loss = loss + regulariser(model, x, y, logits)
             if global_params is not None:
-                prox = sum((p.float() - g).pow(2).sum()
-                           for p, g in zip(model.parameters(), global_params))
-                loss = loss + 0.5 * settings.proximal_mu * prox
+                loss = loss + 0.5 * settings.proximal_mu * squared_distance(model, global_params)
             optimiser.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimiser)

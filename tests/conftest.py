@@ -48,6 +48,13 @@ def tiny_run() -> Callable[[str], InlineRun]:
     return get
 
 
+@pytest.fixture(scope="session")
+def fedavg3() -> InlineRun:
+    """FedAvg over three tiny rounds: what the personalised methods' global model and a
+    strategy whose server step is refused must reproduce."""
+    return run_inline({**TINY["fedavg"], "num-server-rounds": 3})
+
+
 @pytest.fixture
 def task_identity():
     """Lets a test build Flower Messages outside a running Flower runtime."""

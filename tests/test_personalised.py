@@ -109,12 +109,6 @@ def test_personalised_models_stay_on_the_node_and_are_scored_on_its_own_split(me
     assert len({partition_id(r) for r in run.grid.replies}) == 4
 
 
-@pytest.fixture(scope="module")
-def fedavg3():
-    """FedAvg over the personalised methods' three tiny rounds."""
-    return run_inline({**TINY["fedavg"], "num-server-rounds": 3})
-
-
 def test_dittos_global_model_is_fedavgs(tiny_run, fedavg3):
     assert tiny_run("ditto").accuracies == fedavg3.accuracies
 

@@ -25,14 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..training import Regulariser
+from ..training import Regulariser, squared_distance
 from .personalised import PersonalisedClient, PersonalisedStrategy
 from .settings import DittoSettings
-
-
-def squared_distance(model: nn.Module, reference: list[torch.Tensor]) -> torch.Tensor:
-    """``||w - w_ref||^2`` over all parameters."""
-    return sum((p.float() - r).pow(2).sum() for p, r in zip(model.parameters(), reference))
 
 
 class DittoStrategy(PersonalisedStrategy):

@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..training import Regulariser
+from ..training import Regulariser, squared_distance
 from .personalised import PersonalisedClient, PersonalisedStrategy
 from .settings import SpectralSettings
 
@@ -85,7 +85,7 @@ def spectral_divergence(student: nn.Module, teacher: torch.Tensor, ratio: float 
 
 def weight_distance(model: nn.Module, reference: list[torch.Tensor]) -> torch.Tensor:
     """``||w - w_ref||`` over all parameters (differentiable also at 0)."""
-    squares = sum((p.float() - r).pow(2).sum() for p, r in zip(model.parameters(), reference))
+    squares = squared_distance(model, reference)
     return torch.sqrt(squares + 1e-12)
 
 
