@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy_harness import DEPLOY, Federation, RunOutcome, descendants, free_port, terminate
+from deploy_harness import DEPLOY, Federation, RunOutcome, free_port, terminate
 
 pytestmark = pytest.mark.deployment
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.deployment
 #: node that died ends when the SuperLink takes the node for dead (two missed 30 s
 #: heartbeats: 30 to 60 s after it died) or after round-timeout seconds; a normal round
 #: takes about 17 s on 2 cores (each node starts a ClientApp process for every message).
-#: The run resumes only once no node still runs a ClientApp for the stopped run.
+#: The run resumes only once every node has answered the stopped run's messages.
 SHORT_MOSAIC = {"num-clients": 3, "min-clients": 2, "num-server-rounds": 3, "local-epochs": 1,
                 "strategy": "mosaic", "mosaic-warmup-rounds": 1, "mosaic-generator-steps": 5,
                 "mosaic-meta-epochs": 2, "mosaic-distill-steps": 5, "round-timeout": 40.0,
@@ -110,16 +110,17 @@ def _wait_for(condition, run: subprocess.Popen, log: Path, timeout: float = 300)
         time.sleep(0.2)
 
 
-def _clientapps_running(fed: Federation) -> bool:
-    """Whether some SuperNode is running a ClientApp process right now."""
+def _nodes_idle(fed: Federation) -> bool:
+    """Whether every SuperNode has answered every message it received. A SuperNode handles
+    one message at a time: after "Received successfully" it blocks until a reply exists,
+    and a ClientApp that exits without one (its run was stopped before it read the
+    message) leaves it blocked until the task's heartbeat expires, up to 60 s, with no
+    ClientApp process left to see."""
     for name in NODES:
-        for pid in descendants(fed.nodes[name].pid):
-            try:
-                if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return True
-            except OSError:
-                continue
-    return False
+        text = fed.node_log(name).read_text(errors="replace")
+        if text.count("Received successfully") > text.count("Sending:"):
+            return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +147,11 @@ def mosaic_run(federation) -> MosaicRun:
         stopped = fed.finish_run(run, log)
     finally:
         terminate(run)
-    # The stopped ServerApp had begun round 3, and a node's ClientApp for it can linger;
-    # a resumed round whose message waits behind it can miss its timeout (seen once in
-    # CI with 40 s): give the nodes up to 30 s to finish or drop it first.
-    deadline = time.monotonic() + 30
-    while _clientapps_running(fed) and time.monotonic() < deadline:
+    # The stopped ServerApp had begun round 3, and a node can still be busy with its
+    # message; a resumed round whose message waits behind it misses its 40 s timeout
+    # (seen twice in CI). Resume once every node has answered what it received.
+    deadline = time.monotonic() + 90
+    while not _nodes_idle(fed) and time.monotonic() < deadline:
         time.sleep(0.5)
     run = fed.start_run({**config, "resume-from": str(run_dir)}, resumed_log)
     try:
