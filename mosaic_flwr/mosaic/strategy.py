@@ -113,8 +113,8 @@ class MosaicStrategy(TaskStrategy):
         #: restart of the simulation or of a SuperNode; a partition is).
         self._node_of: dict[int, int] = {}
         #: Whether the distillation round kept the distilled student (None before that
-        #: round): when its trust check discarded it there is no distilled gain to
-        #: protect, and the fine-tuning rounds run as plain FedAvg rounds.
+        #: round): when its trust check discarded it there is no distilled model to
+        #: anchor to, and the fine-tuning rounds train as FedAvg rounds (still checked).
         self._distilled: bool | None = None
         with torch.no_grad():
             self.input_shape = tuple(generator_fn().eval().sample(1).shape[1:])
@@ -186,7 +186,7 @@ class MosaicStrategy(TaskStrategy):
 
     def task_for(self, server_round: int) -> TrainTask:
         """What clients are asked to do in a round (after a discarded distillation, the
-        fine-tuning rounds are FedAvg rounds: full learning rate, no anchor)."""
+        fine-tuning rounds train as FedAvg rounds: full learning rate, no anchor)."""
         phase = self.settings.phase(server_round)
         distill = phase == DISTILL
         finetune = phase == FINETUNE and self._distilled is not False
@@ -205,12 +205,14 @@ class MosaicStrategy(TaskStrategy):
     def server_step(self, server_round: int, uploads: list[ClientUpload], arrays: ArrayRecord
                     ) -> tuple[ArrayRecord, dict[str, float]]:
         """In the distillation round, distil the teacher into the average; in a fine-tuning
-        round with the trust checks on, keep the average only if the clients prefer it."""
+        round with the trust checks on, keep the average only if the clients prefer it
+        (also after a discarded distillation: the model the distillation round left is
+        protected either way)."""
         self._node_of.update({u.partition_id: u.node_id for u in uploads})
         phase = self.settings.phase(server_round)
         if phase == DISTILL:
             return self.distill_round(uploads, arrays, server_round)
-        if phase == FINETUNE and self.settings.trust and self._distilled is not False:
+        if phase == FINETUNE and self.settings.trust:
             return self.finetune_check(server_round, uploads, arrays)
         return arrays, {}
 
@@ -219,7 +221,8 @@ class MosaicStrategy(TaskStrategy):
         """A fine-tuning round's average replaces the global model only if the clients of
         the distillation round (all of them by default, not only this round's sample)
         score it at least as high as the model the round started from, so that
-        fine-tuning cannot undo the distilled gain (:meth:`_clients_prefer`)."""
+        fine-tuning cannot undo what the distillation round left, distilled or not
+        (:meth:`_clients_prefer`)."""
         stats: dict[str, float] = {}
         judges = self._judges or [u.partition_id for u in uploads]
         keep, verdict = self._clients_prefer(server_round, judges, self._global_arrays, average,
