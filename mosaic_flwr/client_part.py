@@ -16,6 +16,7 @@ pipeline and for parts that train a second model (Spectral Co-Distillation).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -60,7 +61,8 @@ class ClientWork:  # pylint: disable=too-many-instance-attributes
     """One training message on one client: what the parts read and what they add.
 
     ``rng`` is the round's random stream: parts draw from it in pipeline order,
-    so a run is reproducible for a seed.
+    so a run is reproducible for a seed. Work that should leave local training as
+    it would be without it draws from :meth:`side_stream` instead.
     """
 
     msg: Message
@@ -75,6 +77,13 @@ class ClientWork:  # pylint: disable=too-many-instance-attributes
     #: What local training runs on instead of the client's data, when a part sets it
     #: (FedLGD trains on virtual data).
     train_data: TrainingData | None = None
+
+    def side_stream(self, name: str) -> torch.Generator:
+        """A random stream of its own, for ``name``'s work, derived from the round's seed
+        without drawing from :attr:`rng`: local training then shuffles and augments
+        exactly as it would without that work (Mosaic's prototypes before training)."""
+        return torch.Generator().manual_seed(
+            (self.rng.initial_seed() + zlib.crc32(name.encode())) % 2**63)
 
 
 class ClientPart:

@@ -70,6 +70,20 @@ def test_after_a_discarded_distillation_fine_tuning_rounds_train_as_fedavg_round
     # (Its average is still checked by the clients: test_a_change_is_kept_only_if_...)
 
 
+def test_the_distillation_round_trains_exactly_as_fedavg_does(mosaic, fedavg3):
+    """Prototypes (k-means) before local training and generators after it draw from
+    streams of their own: each client's model of the distillation round is FedAvg's
+    round-2 model bit for bit, so the student before distillation is FedAvg's model
+    and the distillation's effect is measured against FedAvg, not against another
+    shuffle of the same data."""
+    assert mosaic.round_stats[2]["phase"] == "distill"
+    for ours, fedavg in zip(mosaic.replies_in_round(2), fedavg3.replies_in_round(2)):
+        assert partition_id(ours) == partition_id(fedavg)
+        mine, theirs = ours.content.array_records["arrays"], fedavg.content.array_records["arrays"]
+        assert all(np.array_equal(mine[k].numpy(), theirs[k].numpy()) for k in theirs.keys())
+    assert mosaic.round_stats[2]["student_accuracy_before"] == fedavg3.accuracies[2]
+
+
 def test_distillation_round_records_its_phase_metrics(mosaic):
     stats, num_clients = mosaic.round_stats, mosaic.config.num_clients
     assert [stats[r]["phase"] for r in (1, 2, 3)] == ["warmup", "distill", "finetune"]

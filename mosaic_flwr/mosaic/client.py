@@ -122,7 +122,8 @@ class MosaicStatistics(ClientPart):
         self.features = extract_features(global_model, setup.images, setup.transform,
                                          setup.device)
         work.extra[STATS_RECORD] = prototype_statistics(
-            self.features, setup.labels, setup.spec.num_classes, settings, work.rng)
+            self.features, setup.labels, setup.spec.num_classes, settings,
+            work.side_stream("prototypes"))
         work.metrics["stats-seconds"] = time.monotonic() - start
 
     def after_training(self, work: ClientWork) -> None:
