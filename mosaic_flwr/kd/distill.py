@@ -19,6 +19,7 @@ the loop and are read once at the end (and at each ``log_every`` step).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from logging import INFO
@@ -55,10 +56,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     kl = F.kl_div(F.log_softmax(student_logits / temp, 1), F.log_softmax(teacher_logits / temp, 1),
                   reduction="batchmean", log_target=True) * temp * temp
     ce = F.cross_entropy(student_logits, teacher_logits.argmax(1))
-    p_s, p_t = F.softmax(student_logits, 1), F.softmax(teacher_logits, 1)
-    log_m = torch.log(((p_s + p_t) / 2).clamp_min(1e-8))
-    jsd = 0.5 * (F.kl_div(log_m, p_s, reduction="batchmean")
-                 + F.kl_div(log_m, p_t, reduction="batchmean"))
+    # Jensen-Shannon in log space: with probabilities, a student probability that
+    # underflows to 0 (logit gaps above ~100, reached when distilling a one-class
+    # teacher) makes the gradient of p log p infinite, and the step NaN even at weight 0.
+    log_s, log_t = F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1)
+    log_m = torch.logaddexp(log_s, log_t) - math.log(2.0)
+    jsd = 0.5 * (F.kl_div(log_m, log_s, reduction="batchmean", log_target=True)
+                 + F.kl_div(log_m, log_t, reduction="batchmean", log_target=True))
     total = weights.kl * kl + weights.ce * ce + weights.jsd * jsd
     return total, {"kl": kl.detach(), "ce": ce.detach(), "jsd": jsd.detach()}
 
