@@ -148,13 +148,15 @@ def test_fedftg_hard_sample_term_raises_global_client_disagreement_on_the_batch(
 
 
 # --------------------------------------------------------------------------- DENSE
-def test_dense_adversarial_loss_counts_only_samples_where_student_and_teacher_disagree():
+def test_dense_adversarial_loss_counts_only_samples_where_student_and_teacher_agree():
     teacher = torch.tensor([[3.0, 0.0], [3.0, 0.0]])
     student = torch.tensor([[2.0, 0.0], [0.0, 2.0]])  # agrees on sample 0, not on 1
-    t = torch.log_softmax(teacher[1], 0)
-    kl = float((t.exp() * (t - torch.log_softmax(student[1], 0))).sum())
-    assert abs(float(adversarial_loss(student, teacher)) + kl / 2) < 1e-6
+    t = torch.log_softmax(teacher[0], 0)
+    kl = float((t.exp() * (t - torch.log_softmax(student[0], 0))).sum())
+    assert kl > 0 and abs(float(adversarial_loss(student, teacher)) + kl / 2) < 1e-6
     assert float(adversarial_loss(teacher, teacher)) == 0.0
+    # Once they disagree, pulling them further apart gains nothing: the term is bounded.
+    assert float(adversarial_loss(student[1:] * 100, teacher[1:])) == 0.0
 
 
 def test_dense_synthesis_makes_the_ensemble_predict_the_targets():

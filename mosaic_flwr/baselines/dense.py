@@ -44,12 +44,16 @@ from .settings import DenseSettings
 
 
 def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """``-mean_i [argmax s_i != argmax t_i] * KL(t_i || s_i)``: lower where they disagree."""
+    """``-mean_i [argmax s_i == argmax t_i] * KL(t_i || s_i)``: samples on which student
+    and teacher still agree are pushed towards the student's decision boundary; once
+    they disagree a sample no longer counts, which keeps the term bounded (the DENSE
+    reference's mask). Counting the disagreeing ones instead pushes them apart without
+    limit: on MNIST at Dirichlet 0.05 the synthesis loss then reached -848 and NaN."""
     t_log = F.log_softmax(teacher_logits.float(), dim=1)
     s_log = F.log_softmax(student_logits.float(), dim=1)
     kl = (t_log.exp() * (t_log - s_log)).sum(1)
-    differ = (student_logits.argmax(1) != teacher_logits.argmax(1)).float()
-    return -(differ * kl).mean()
+    agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
+    return -(agree * kl).mean()
 
 
 class Synthesizer:
