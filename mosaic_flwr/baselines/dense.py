@@ -48,7 +48,7 @@ def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor)
     and teacher still agree are pushed towards the student's decision boundary; once
     they disagree a sample no longer counts, which keeps the term bounded (the DENSE
     reference's mask). Counting the disagreeing ones instead pushes them apart without
-    limit: on MNIST at Dirichlet 0.05 the synthesis loss then reached -848 and NaN."""
+    limit: on MNIST at Dirichlet 0.05 its value reached -848, then NaN."""
     t_log = F.log_softmax(teacher_logits.float(), dim=1)
     s_log = F.log_softmax(student_logits.float(), dim=1)
     kl = (t_log.exp() * (t_log - s_log)).sum(1)
