@@ -366,8 +366,9 @@ def personal_table(rows: list[dict[str, Any]], methods: list[Method]) -> list[st
 
 def distillation_table(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown lines: every completed run's distillation round, on the test split (which
-    the server never sees): the student before, the teacher, the student distilled, the
-    model kept, the final model, and the two rules a distillation should keep."""
+    the server never sees): the student before, the teacher, the student distilled, how
+    far along from before to distilled the kept model is (Mosaic's ``distill_share``),
+    the model kept, the final model, and the two rules a distillation should keep."""
     found = [(row, step) for row in rows if row["final_accuracy"] is not None
              and (step := distillation_rounds(row["run_dir"])) is not None]
     if not found:
@@ -378,12 +379,13 @@ def distillation_table(rows: list[dict[str, Any]]) -> list[str]:
 
     lines = ["", "## Distillation rounds", "",
              "Test accuracy of the student before distillation, the teacher, the distilled "
-             "student, the model the round kept, and the final model; `after >= before - "
+             "student, the model the round kept (`share`: how far it is from the student "
+             "before, 0, to the distilled one, 1), and the final model; `after >= before - "
              "0.005` and `final >= after - 0.01` are checked per run. `fine-tuning kept` "
              "counts the fine-tuning rounds whose average the clients preferred.", "",
-             "| method | alpha | seed | before | teacher | distilled | after | final | "
+             "| method | alpha | seed | before | teacher | distilled | share | after | final | "
              "after >= before - 0.005 | final >= after - 0.01 | fine-tuning kept |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, step in found:
         before, after = step["student_accuracy_before"], step["student_accuracy_after"]
         distilled = step.get("student_accuracy_distilled", after)
@@ -391,7 +393,8 @@ def distillation_table(rows: list[dict[str, Any]]) -> list[str]:
                 if step["finetune_rounds"] else "")
         lines.append(
             f"| {row['method']} | {row['alpha']} | {row['seed']} | {fmt(before)} | "
-            f"{fmt(step.get('teacher_accuracy'))} | {fmt(distilled)} | {fmt(after)} | "
+            f"{fmt(step.get('teacher_accuracy'))} | {fmt(distilled)} | "
+            f"{fmt(step.get('distill_share'))} | {fmt(after)} | "
             f"{fmt(step['final'])} | {'yes' if after >= before - 0.005 else 'NO'} | "
             f"{'yes' if step['final'] >= after - 0.01 else 'NO'} | {kept} |")
     return lines

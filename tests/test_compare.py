@@ -81,8 +81,8 @@ def test_report_lists_each_distillation_round_and_checks_the_two_rules(tmp_path)
     lines = {
         "mosaic-0": [{"round": 1, "accuracy": 0.5},
                      {"round": 2, "accuracy": 0.6, "student_accuracy_before": 0.5,
-                      "teacher_accuracy": 0.65, "student_accuracy_distilled": 0.6,
-                      "student_accuracy_after": 0.6},
+                      "teacher_accuracy": 0.65, "student_accuracy_distilled": 0.55,
+                      "distill_share": 0.25, "student_accuracy_after": 0.6},
                      {"round": 3, "accuracy": 0.7, "finetune_kept": 1.0}],
         "mosaic-1": [{"round": 1, "accuracy": 0.5},
                      {"round": 2, "accuracy": 0.49, "student_accuracy_before": 0.5,
@@ -94,9 +94,10 @@ def test_report_lists_each_distillation_round_and_checks_the_two_rules(tmp_path)
         (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics))
     report = markdown_table(rows, [Method("fedavg", {"strategy": "fedavg"}),
                                    Method("mosaic", {"strategy": "mosaic"})], {})
-    assert "| mosaic | 0.1 | 0 | 0.5000 | 0.6500 | 0.6000 | 0.6000 | 0.7000 | yes | yes | 1 of 1 |" \
+    assert "| mosaic | 0.1 | 0 | 0.5000 | 0.6500 | 0.5500 | 0.2500 | 0.6000 | 0.7000 | yes | yes " \
+        "| 1 of 1 |" in report
+    assert "| mosaic | 0.1 | 1 | 0.5000 |  | 0.4900 |  | 0.4900 | 0.4700 | NO | NO | 0 of 1 |" \
         in report
-    assert "| mosaic | 0.1 | 1 | 0.5000 |  | 0.4900 | 0.4900 | 0.4700 | NO | NO | 0 of 1 |" in report
     assert "| fedavg | 0.1 | 0 |" not in report
 
 

@@ -114,18 +114,19 @@ def test_distillation_changes_the_averaged_model(mosaic):
     assert max(diffs) > 1e-4
 
 
-def rigged_evaluate(incumbent: float, candidate: float):
-    """An evaluate handler whose nodes report ``incumbent`` for the first model of each pair
-    they are sent and ``candidate`` for the second: the federated check sends the model
-    in place first (the student before distillation, the model a fine-tuning round
-    started from), then the one that would replace it."""
+def rigged_evaluate(*scores: float):
+    """An evaluate handler whose nodes report ``scores`` in turn (and again from the start)
+    for the models they are sent: the distillation round's check sends the student before
+    distillation first, then the mixes 25/50/75 % of the way (the default
+    mosaic-trust-mixes = 4) and the distilled student; a fine-tuning round's check sends
+    the model it started from, then the round's average."""
     seen: dict[int, int] = {}
 
     def handler(msg: Message, context: Context) -> Message:
         reply = handle_evaluate(msg, context)
         node = msg.metadata.dst_node_id
+        reply.content["metrics"]["local-accuracy"] = scores[seen.get(node, 0) % len(scores)]
         seen[node] = seen.get(node, 0) + 1
-        reply.content["metrics"]["local-accuracy"] = incumbent if seen[node] % 2 else candidate
         return reply
     return handler
 
@@ -137,14 +138,17 @@ def test_a_change_is_kept_only_if_the_clients_score_it_no_lower(incumbent, candi
     trains as a FedAvg round, and is checked the same way). Half the clients train per round, yet all four distil
     (mosaic-distill-fraction) and judge the fine-tuning average."""
     run = run_inline({**TINY["mosaic"], "mosaic-trust": True, "mosaic-finetune-anchor": 1.0,
-                      "fraction-train": 0.5}, evaluate=rigged_evaluate(incumbent, candidate))
+                      "fraction-train": 0.5},
+                     evaluate=rigged_evaluate(incumbent, *[candidate] * 4, incumbent, candidate))
     assert [run.round_stats[r]["clients_sampled"] for r in (1, 2, 3)] == [2, 4, 2]
     distill, finetune = run.round_stats[2], run.round_stats[3]
     kept = candidate >= incumbent
-    # The distillation round: before vs distilled, judged by its four clients.
+    # The distillation round: before vs the mixes and the distilled student (a tie goes to
+    # the last), judged by its four clients.
     assert distill["federated_check_clients"] == 4
     assert (distill["federated_accuracy_before"], distill["federated_accuracy_distilled"]) == \
         pytest.approx((incumbent, candidate))
+    assert distill["distill_share"] == (1.0 if kept else 0.0)
     assert distill["meta_used"] == float(distill["meta_holdout_accuracy"]
                                          >= distill["ensemble_holdout_accuracy"])
     average, _ = run.strategy.average(run.replies_in_round(2))
@@ -169,13 +173,37 @@ def test_a_change_is_kept_only_if_the_clients_score_it_no_lower(incumbent, candi
     assert finetune["finetune_kept"] == float(kept)
     assert all(np.array_equal(final[k].numpy(), sent[k].numpy())
                for k in sent.keys()) == (not kept)
-    # What the checks ask of a client: two scores on its data, nothing per sample.
+    # What the checks ask of a client: 5 + 2 scores on its data, nothing per sample.
     scored = [r for r in run.grid.replies if r.metadata.message_type == "evaluate"]
-    assert len(scored) == 2 * 2 * 4
+    assert len(scored) == (5 + 2) * 4
     for reply in scored:
         assert not reply.content.array_records
         assert set(reply.content.metric_records["metrics"].keys()) == {
             "num-examples", "local-loss", "local-accuracy"}
+
+
+def test_the_clients_can_keep_a_student_part_of_the_way_to_the_distilled_one():
+    """The clients score the student before distillation, the mixes 25/50/75 % of the way
+    and the distilled student; the best, here the halfway mix, becomes the global model:
+    exactly the interpolated weights, scored on the test split as recorded."""
+    run = run_inline({**DISTILL_ONLY, "mosaic-trust": True},
+                     evaluate=rigged_evaluate(0.5, 0.6, 0.9, 0.7, 0.2))
+    stats = run.round_stats[1]
+    names = ("before", "mix25", "mix50", "mix75", "distilled")
+    assert [stats[f"federated_accuracy_{name}"] for name in names] == \
+        pytest.approx([0.5, 0.6, 0.9, 0.7, 0.2])
+    assert (stats["distill_share"], stats["distilled"]) == (0.5, 1.0)
+    assert stats["student_accuracy_after"] == stats["student_accuracy_mix50"] == run.accuracies[1]
+    node = run.grid.sent[-1].metadata.dst_node_id
+    scored = [m.content.array_records["arrays"].to_torch_state_dict() for m in run.grid.sent
+              if m.metadata.message_type == "evaluate" and m.metadata.dst_node_id == node]
+    before, halfway, distilled = scored[0], scored[2], scored[4]
+    final = run.result.arrays.to_torch_state_dict()
+    for name, value in final.items():
+        assert torch.equal(value, halfway[name])
+        if value.is_floating_point():
+            assert torch.allclose(value, (before[name] + distilled[name]) / 2, atol=1e-6)
+    assert any(not torch.equal(before[k], distilled[k]) for k in before)
 
 
 def test_training_after_distillation_beats_the_untrained_model(mosaic):

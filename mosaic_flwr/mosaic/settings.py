@@ -71,10 +71,14 @@ class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-
     distill_fraction: float = 1.0
     # Trust checks (not in the reference; mosaic/trust.py): the meta model must match
     # the count-weighted ensemble on held-out prototypes, and the round's clients must
-    # score the distilled student (and each fine-tuning average) at least as high as
-    # the model it would replace, on their own data.
+    # score the distilled student (or a mix of it with the student before) and each
+    # fine-tuning average at least as high as the model it would replace, on their own data.
     trust: bool = True
     trust_holdout: float = 0.2  # share of each (client, class) group of prototypes held out
+    # The clients also score the student moved k/n of the way from before to after
+    # distillation (k = 1..n; weights interpolated), and the best of these and the
+    # student before is kept; 1 = only the distilled student (docs/results/quality.md).
+    trust_mixes: int = 4
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -118,7 +122,8 @@ class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-
         key = self.key
         for name in ("prototypes_per_class", "prototype_min_cluster", "generator_steps",
                      "generator_batch_size", "generator_latent_dim",
-                     "meta_batch_size", "meta_dim", "meta_heads", "samples_per_generator"):
+                     "meta_batch_size", "meta_dim", "meta_heads", "samples_per_generator",
+                     "trust_mixes"):
             if getattr(self, name) < 1:
                 raise ConfigError(key(name), getattr(self, name), "must be an integer >= 1")
         for name in ("warmup_rounds", "meta_epochs", "distill_steps", "inversion_max_samples",

@@ -11,7 +11,8 @@ Round by round, inside ``num_rounds`` (every Mosaic round counts):
    prototypes through the experts' heads (kept only if it beats the
    count-weighted ensemble on held-out prototypes), and distils the teacher
    into the student on batches drawn from every generator; the clients then
-   score both students on their own data and the better one is kept;
+   score the students before and after distillation, and mixes of the two, on
+   their own data, and the best one is kept;
 3. fine-tuning rounds: FedAvg at the learning rate scaled by
    ``finetune_lr_scale``, with the not-true-class anchor to the received model
    on the clients; an average replaces the model only if the clients score it
@@ -50,7 +51,7 @@ from .experts import (class_experts, ensemble_logits, expert_modules, expert_wei
                       mixed_expert_logits, mixture_log_probs)
 from .meta import MetaModel, train_meta_model
 from .settings import DISTILL, FINETUNE, MosaicSettings
-from .trust import holdout_split, local_scores, pooled_accuracy
+from .trust import holdout_split, interpolate, local_scores, pooled_accuracy
 
 
 class MosaicStrategy(TaskStrategy):
@@ -222,11 +223,12 @@ class MosaicStrategy(TaskStrategy):
         the distillation round (all of them by default, not only this round's sample)
         score it at least as high as the model the round started from, so that
         fine-tuning cannot undo what the distillation round left, distilled or not
-        (:meth:`_clients_prefer`)."""
+        (:meth:`_clients_choose`)."""
         stats: dict[str, float] = {}
         judges = self._judges or [u.partition_id for u in uploads]
-        keep, verdict = self._clients_prefer(server_round, judges, self._global_arrays, average,
-                                             ("start", "average"), stats)
+        choice, verdict = self._clients_choose(server_round, judges, self._global_arrays,
+                                               [average], ("start", "average"), stats)
+        keep = choice == 1
         stats["finetune_kept"] = float(keep)
         log(INFO, "[mosaic] fine-tuning average %s: %s", "kept" if keep else "discarded", verdict)
         return (average if keep else self._global_arrays), stats
@@ -305,13 +307,23 @@ class MosaicStrategy(TaskStrategy):
                 stats["student_accuracy_distilled"] = self.score_fn(student)
             distilled = ArrayRecord({k: v.detach().cpu() for k, v in student.state_dict().items()})
             self._judges = [u.partition_id for u in uploads]
-            keep, verdict = self._clients_prefer(server_round, self._judges, global_arrays,
-                                                 distilled, ("before", "distilled"), stats)
-            verdict = ("kept: " if keep else "discarded: ") + verdict
-            if not keep:
+            shares = [k / s.trust_mixes for k in range(1, s.trust_mixes + 1)]
+            mixes = [interpolate(global_arrays, distilled, share) for share in shares[:-1]]
+            names = ("before", *(f"mix{round(100 * share)}" for share in shares[:-1]), "distilled")
+            if self.score_fn is not None:
+                for name, mix in zip(names[1:-1], mixes):
+                    stats[f"student_accuracy_{name}"] = self.score_fn(self.global_model(mix).eval())
+            choice, verdict = self._clients_choose(server_round, self._judges, global_arrays,
+                                                   [*mixes, distilled], names, stats)
+            stats["distill_share"] = 0.0 if choice == 0 else shares[choice - 1]
+            if choice == 0:
                 student.load_state_dict(global_arrays.to_torch_state_dict())
                 stats["distilled"] = 0.0
-                verdict += "; the fine-tuning rounds run as FedAvg rounds"
+                verdict = f"discarded: {verdict}; the fine-tuning rounds run as FedAvg rounds"
+            else:
+                if choice < len(names) - 1:
+                    student.load_state_dict(mixes[choice - 1].to_torch_state_dict())
+                verdict = f"kept ({names[choice]}): {verdict}"
         self._distilled = bool(stats["distilled"])
         if self.score_fn is not None:
             student.eval()
@@ -373,44 +385,48 @@ class MosaicStrategy(TaskStrategy):
         stats["meta_used"] = 1.0
         return meta
 
-    def _clients_prefer(self, server_round: int, judges: list[int],
-                        incumbent: ArrayRecord, candidate: ArrayRecord, names: tuple[str, str],
-                        stats: dict[str, float]) -> tuple[bool, str]:
-        """Whether the clients of the partitions ``judges``, scoring both global models on
-        their own data (Flower evaluate messages, :mod:`.trust`), find ``candidate`` at
-        least as accurate as ``incumbent``; and the verdict in words. Records
-        ``federated_accuracy_<name>`` for both. Without a grid or without a client that
-        scored both, the candidate wins.
+    def _clients_choose(self, server_round: int, judges: list[int], incumbent: ArrayRecord,
+                        candidates: list[ArrayRecord], names: tuple[str, ...],
+                        stats: dict[str, float]) -> tuple[int, str]:
+        """Which of ``incumbent`` (0) and ``candidates`` (1, 2, ...) the clients of the
+        partitions ``judges``, scoring every model on their own data (Flower evaluate
+        messages, :mod:`.trust`), find the most accurate; among equal scores the last (a
+        candidate, not the incumbent, wins a tie); and the verdict in words. ``names``
+        names the incumbent and each candidate; records ``federated_accuracy_<name>`` for
+        every one. Without a grid or without a client that scored them all, the last
+        candidate wins.
 
         The judges are asked on the nodes they last replied from; when some judge's
         node is not connected (it left, or the run was resumed and node ids are new),
         every connected node is asked and only the judges' replies count."""
+        last = len(candidates)
         if self._grid is None:
-            return True, "unchecked: no grid to ask clients (the strategy runs outside a round)"
+            return last, "unchecked: no grid to ask clients (the strategy runs outside a round)"
         connected = list(self._grid.get_node_ids())
         nodes = [self._node_of[p] for p in judges if self._node_of.get(p) in connected]
         if len(nodes) < len(judges):
             nodes = connected
         began = time.monotonic()
         scores = []
-        for arrays in (incumbent, candidate):
+        for arrays in (incumbent, *candidates):
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord(
                 {**dict(self._evaluate_config.items()), "server-round": server_round})})
-            # Both are global models: every client scores them on its data, whatever
+            # Every one is a global model: every client scores it on its data, whatever
             # model it trains itself (as in federated evaluation).
             messages = list(self._construct_messages(record, nodes, MessageType.EVALUATE))
             scores.append(local_scores(self._grid.send_and_receive(messages, timeout=self._timeout)))
-        common = sorted(set(scores[0]) & set(scores[1]) & set(judges))
+        common = sorted(set(judges).intersection(*scores))
         stats["federated_check_clients"] = len(common)
         stats["federated_check_seconds"] = time.monotonic() - began
         if not common:
-            return True, "unchecked: no client scored both models"
+            return last, "unchecked: no client scored every model"
         acc = [pooled_accuracy(score, common) for score in scores]
         for name, value in zip(names, acc):
             stats[f"federated_accuracy_{name}"] = value
-        summary = (f"{len(common)} clients score it {acc[1]:.4f} on their data, "
-                   f"the {names[0]} model {acc[0]:.4f}")
-        return acc[1] >= acc[0], summary
+        choice = max(range(len(acc)), key=lambda i: (acc[i], i))
+        summary = f"{len(common)} clients score " + ", ".join(
+            f"the {name} model {value:.4f}" for name, value in zip(names, acc)) + " on their data"
+        return choice, summary
 
     def _distill(self, student: nn.Module, teacher: Callable[[torch.Tensor], torch.Tensor],
                  sample: Callable[[], torch.Tensor], num_clients: int, held: torch.Tensor,

@@ -12,11 +12,16 @@ data; the two checks use only what clients upload or report:
    least as well as the count-weighted ensemble of the experts does. Otherwise
    the teacher falls back to that ensemble.
 2. **Federated evaluation of every change after the teacher.** The clients of
-   the distillation round score the student before and after distillation on
-   their own data (Flower evaluate messages; each reply carries an accuracy and
-   a count, as Flower's federated evaluation does) and the server keeps the
-   distilled student only if its pooled accuracy (:func:`pooled_accuracy`) is
-   at least the student's before. The clients score on the data they trained
+   the distillation round score, on their own data (Flower evaluate messages;
+   each reply carries an accuracy and a count, as Flower's federated evaluation
+   does), the student before distillation, the distilled student and the
+   students in between (:func:`interpolate`: the weights moved 1/n, 2/n, ... of
+   the way, ``mosaic-trust-mixes`` = n), and the server keeps the one with the
+   highest pooled accuracy (:func:`pooled_accuracy`). A distillation on
+   synthetic samples moves the student away from what it learnt on real data
+   as it brings in the teacher's knowledge; part of the way often keeps more of
+   both than either end (as weight-space ensembles of a model and its
+   fine-tuned copy do, WiSE-FT). The clients score on the data they trained
    on, which favours the averaged student the round built from their models:
    the check errs towards not distilling. After each fine-tuning round the same
    check decides between the round's average and the model it started from.
@@ -34,7 +39,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
 from ..aggregation import evaluate_reply_problem, reply_partition_id, screen_replies
 
@@ -93,3 +98,12 @@ def pooled_accuracy(scores: dict[int, tuple[float, int]], clients: Iterable[int]
     pairs = [scores[client] for client in clients]
     total = sum(n for _, n in pairs)
     return sum(acc * n for acc, n in pairs) / total if total else 0.0
+
+
+def interpolate(start: ArrayRecord, end: ArrayRecord, share: float) -> ArrayRecord:
+    """The model ``share`` of the way from ``start`` to ``end``: every floating-point
+    array ``(1 - share) * start + share * end``; other arrays (counters) are ``end``'s."""
+    first, last = start.to_torch_state_dict(), end.to_torch_state_dict()
+    return ArrayRecord({name: torch.lerp(first[name], value, share)
+                        if value.is_floating_point() else value
+                        for name, value in last.items()})
