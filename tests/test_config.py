@@ -62,6 +62,7 @@ def test_issue_keys_exist_with_their_names():
     ("local-steps", -1, "local-steps=-1: must be >= 0"),
     ("mosaic-distill-fraction", 0.0, "mosaic-distill-fraction=0.0: must be in (0, 1]"),
     ("mosaic-trust-holdout", 1.0, "mosaic-trust-holdout=1.0: must be in [0, 1)"),
+    ("mosaic-trust-mixes", 0, "mosaic-trust-mixes=0: must be an integer in 1..100"),
     ("mosaic-finetune-anchor", -1.0, "mosaic-finetune-anchor=-1.0: must be >= 0"),
     ("mosaic-trust", "yes", "mosaic-trust='yes': must be true or false"),
 ])

@@ -122,8 +122,7 @@ class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-
         key = self.key
         for name in ("prototypes_per_class", "prototype_min_cluster", "generator_steps",
                      "generator_batch_size", "generator_latent_dim",
-                     "meta_batch_size", "meta_dim", "meta_heads", "samples_per_generator",
-                     "trust_mixes"):
+                     "meta_batch_size", "meta_dim", "meta_heads", "samples_per_generator"):
             if getattr(self, name) < 1:
                 raise ConfigError(key(name), getattr(self, name), "must be an integer >= 1")
         for name in ("warmup_rounds", "meta_epochs", "distill_steps", "inversion_max_samples",
@@ -145,6 +144,8 @@ class MosaicSettings(GeneratorSettings, MethodSettings):  # pylint: disable=too-
                               "kl, ce and jsd weights are all 0: distillation would learn nothing")
         if not 0 < self.distill_fraction <= 1:
             raise ConfigError(key("distill_fraction"), self.distill_fraction, "must be in (0, 1]")
+        if not 1 <= self.trust_mixes <= 100:  # each is a round of evaluate messages
+            raise ConfigError(key("trust_mixes"), self.trust_mixes, "must be an integer in 1..100")
         if not 0 <= self.trust_holdout < 1:
             raise ConfigError(key("trust_holdout"), self.trust_holdout, "must be in [0, 1)")
         if not 0 <= self.meta_ema < 1:
