@@ -76,7 +76,8 @@ PHASES = (
 )
 
 #: Mosaic's distillation-round diagnostics (read from its round record).
-MOSAIC_STATS = ("student_accuracy_before", "student_accuracy_after", "teacher_accuracy")
+MOSAIC_STATS = ("student_accuracy_before", "student_accuracy_after", "teacher_accuracy",
+                "distill_share")
 
 
 def run_once(link: LocalSuperLink, overrides: dict, output_dir: Path,
@@ -139,7 +140,8 @@ def markdown(table: list[dict]) -> str:
         (f"{t} s", t, 1) for t, _ in PHASES] + [
         ("peak GB", "peak_gb", 2), ("final acc", "final_acc", 4),
         ("student before", "student_accuracy_before", 4),
-        ("student after", "student_accuracy_after", 4), ("teacher", "teacher_accuracy", 4)]
+        ("student after", "student_accuracy_after", 4), ("teacher", "teacher_accuracy", 4),
+        ("share kept", "distill_share", 2)]
     lines = ["| method | seeds | " + " | ".join(c[0] for c in columns) + " | final acc per seed |",
              "|---|---" + "|---" * len(columns) + "|---|"]
     for stats in table:
