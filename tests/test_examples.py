@@ -19,10 +19,11 @@ def test_existing_app_runs_mosaic_with_its_own_model_and_client_loop():
     # After a discarded distillation the last round trains as a FedAvg round ("train").
     kept = tasks[-1] == "finetune"
     assert tasks == ["warmup"] * 8 + ["distill"] * 4 + ["finetune" if kept else "train"] * 4
-    # The federated checks: every client scored the two candidates of the distillation
-    # round (before and after distillation) and of the fine-tuning round (start, average).
+    # The federated checks: every client scored the five students of the distillation
+    # round (before, 25/50/75% of the way, distilled) and the fine-tuning round's two
+    # models (start, average).
     scored = [r for r in grid.replies if "local-accuracy" in r.content["metrics"]]
-    assert len(scored) == 2 * 2 * existing_app.NUM_CLIENTS
+    assert len(scored) == (5 + 2) * existing_app.NUM_CLIENTS
     distill_replies = [r for r in grid.replies if "generator" in r.content.array_records]
     assert len(distill_replies) == existing_app.NUM_CLIENTS
     final = context.state["final"]
