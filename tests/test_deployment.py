@@ -317,10 +317,17 @@ def test_a_killed_supernode_restarted_with_its_key_rejoins_under_the_same_id(
         assert time.monotonic() < deadline, federation.supernodes()
         time.sleep(1)
     federation.restart_node("supernode-2")
-    deadline = time.monotonic() + 90
+    deadline, refusals = time.monotonic() + 90, 0
     while len(node_ids_logged(federation, "supernode-2")) < 2:
-        assert federation.nodes["supernode-2"].poll() is None, \
-            federation.node_log("supernode-2").read_text()[-3000:]
+        if federation.nodes["supernode-2"].poll() is not None:
+            # Flower 1.41's SuperLink refused the activation once in CI, a second after
+            # `flwr supernode ls` had listed the node as no longer online (code 2004,
+            # exit code 305); as the deployment guide says, start it again.
+            log = federation.node_log("supernode-2").read_text()
+            assert "Failed to activate SuperNode" in log and refusals < 3, log[-3000:]
+            refusals += 1
+            time.sleep(2)
+            federation.restart_node("supernode-2")
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert node_ids_logged(federation, "supernode-2") == [node_id, node_id]
